@@ -1,0 +1,186 @@
+"""Settings: one object, read from FERRY_* environment variables.
+
+The embedded default needs no servers: a SQLite catalog, kombu's filesystem
+transport as broker and local-disk backends, all under `data_dir`. Point
+FERRY_DATABASE_URL at Postgres and FERRY_BROKER_URL at Redis for the cluster mode.
+
+Backends are declared in a YAML file (name, driver, labels, settings). A setting
+whose value is `{env: NAME}` or `{file: PATH}` is a secret reference: it is kept
+as a reference in the catalog and resolved only where the driver is built.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ferry.errors import ConfigError
+
+BACKEND_NAME = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+SECRET_SETTING = re.compile(r"secret|password|token|credential|access_key", re.I)
+
+
+def _is_reference(value: Any) -> bool:
+    return isinstance(value, dict) and len(value) == 1 and set(value) <= {"env", "file"}
+
+
+class BackendSpec(BaseModel):
+    """One configured storage instance, as declared in the backends file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=BACKEND_NAME)
+    driver: str
+    labels: dict[str, str] = Field(default_factory=dict)
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _secrets_by_reference(self) -> BackendSpec:
+        for key, value in self.settings.items():
+            if SECRET_SETTING.search(key) and not _is_reference(value):
+                raise ValueError(
+                    f"backend {self.name!r}: setting {key!r} looks like a secret; give it as "
+                    "{env: VARIABLE} or {file: PATH}, never in clear"
+                )
+        return self
+
+    @property
+    def queue(self) -> str:
+        """The Celery queue whose workers do this backend's scarce work."""
+        return f"backend.{self.name}"
+
+
+class BackendsFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    backends: list[BackendSpec]
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> BackendsFile:
+        names = [b.name for b in self.backends]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"backend names must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+
+class Settings(BaseSettings):
+    """Everything Ferry reads from its environment."""
+
+    model_config = SettingsConfigDict(env_prefix="FERRY_", extra="ignore")
+
+    data_dir: Path = Path("~/.ferry")
+    database_url: str | None = None
+    broker_url: str | None = None
+    backends_file: Path | None = None
+    api_url: str = "http://127.0.0.1:8470"
+    api_key: str | None = None
+
+    # Work is sent to workers in batches of at most this many items ...
+    batch_items: int = Field(default=100, ge=1, le=10_000)
+    # ... and, where sizes are known, of at most this many bytes.
+    batch_bytes: int = Field(default=512 * 2**20, ge=1)
+    # A claimed item is the worker's for this long; the claim is renewed while it works.
+    lease_seconds: int = Field(default=300, ge=1)
+    # Queued items whose message may have been lost are sent again after this long.
+    requeue_after_seconds: int = Field(default=3600, ge=1)
+    # How often beat runs the job sweeper.
+    sweep_interval_seconds: float = Field(default=30.0, gt=0)
+    # Hard limit on one batch task, and the Redis visibility timeout that must exceed it.
+    task_time_limit: int = Field(default=3600, ge=10)
+    visibility_timeout: int = Field(default=4 * 3600, ge=20)
+    max_attempts: int = Field(default=5, ge=1)
+
+    @model_validator(mode="after")
+    def _visibility_exceeds_task_limit(self) -> Settings:
+        if self.visibility_timeout <= self.task_time_limit:
+            raise ValueError(
+                "visibility_timeout must exceed task_time_limit, or Redis delivers a long batch twice"
+            )
+        return self
+
+    @property
+    def data_path(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    @property
+    def database(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_path / 'ferry.db'}"
+
+    @property
+    def broker(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def embedded_broker_dir(self) -> Path:
+        return self.data_path / "broker"
+
+    @property
+    def backends_path(self) -> Path:
+        return (self.backends_file or self.data_path / "backends.yaml").expanduser()
+
+    def backends(self) -> dict[str, BackendSpec]:
+        """The configured backends by name; the embedded default when no file exists."""
+        return load_backends(self.backends_path, default_root=self.data_path / "disks")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise ConfigError(f"invalid settings: {exc}") from exc
+
+
+def default_backends(root: Path) -> dict[str, BackendSpec]:
+    """Two local disks, so the embedded mode can migrate out of the box."""
+    return {
+        name: BackendSpec(name=name, driver="local", labels={"tier": tier},
+                          settings={"root": str(root / name)})
+        for name, tier in (("local", "hot"), ("archive", "cold"))
+    }
+
+
+def load_backends(path: Path, *, default_root: Path | None = None) -> dict[str, BackendSpec]:
+    if not path.exists():
+        if default_root is None:
+            raise ConfigError(f"backends file {path} does not exist")
+        return default_backends(default_root)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+        parsed = BackendsFile.model_validate(raw)
+    except (OSError, yaml.YAMLError, ValidationError) as exc:
+        raise ConfigError(f"invalid backends file {path}: {exc}") from exc
+    return {b.name: b for b in parsed.backends}
+
+
+_ENV_REF = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def resolve_secrets(settings: dict[str, Any]) -> dict[str, Any]:
+    """Replace `{env: NAME}` / `{file: PATH}` references with their values.
+
+    Only drivers call this: the catalog and the API keep the references.
+    """
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and set(value) == {"env"}:
+            name = str(value["env"])
+            if not _ENV_REF.match(name) or name not in os.environ:
+                raise ConfigError(f"setting {key!r} refers to environment variable {name!r}, which is not set")
+            out[key] = os.environ[name]
+        elif isinstance(value, dict) and set(value) == {"file"}:
+            try:
+                out[key] = Path(value["file"]).expanduser().read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"setting {key!r} refers to file {value['file']!r}: {exc}") from exc
+        else:
+            out[key] = value
+    return out
+
