@@ -51,11 +51,6 @@ class BackendSpec(BaseModel):
                 )
         return self
 
-    @property
-    def queue(self) -> str:
-        """The Celery queue whose workers do this backend's scarce work."""
-        return f"backend.{self.name}"
-
 
 class BackendsFile(BaseModel):
     model_config = ConfigDict(extra="forbid")

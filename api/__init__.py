@@ -1,0 +1,56 @@
+"""The Flask control API: `create_app()` is its factory, one blueprint per resource."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException
+
+from api import openapi
+from api.schemas import ErrorBody
+from ferry.errors import FerryError
+
+log = logging.getLogger(__name__)
+
+# 100 000 keys of ~100 characters fit with room to spare.
+MAX_BODY_BYTES = 32 * 2**20
+
+
+def create_app(test_config: dict[str, Any] | None = None) -> Flask:
+    from api import backends, health, jobs, objects
+    from ferry.catalog.db import transaction
+    from ferry.catalog.replicas import sync_backends
+    from ferry.settings import get_settings
+
+    app = Flask(__name__)
+    app.config.update(MAX_CONTENT_LENGTH=MAX_BODY_BYTES, JSON_SORT_KEYS=False)
+    if test_config:
+        app.config.update(test_config)
+    app.json.sort_keys = False
+
+    for module in (jobs, objects, backends, health):
+        app.register_blueprint(module.bp)
+
+    @app.get("/v1/openapi.json")
+    def openapi_document():
+        return jsonify(openapi.spec(ErrorBody))
+
+    @app.errorhandler(FerryError)
+    def ferry_error(exc: FerryError):
+        return jsonify({"error": exc.to_dict()}), exc.status
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        code = (exc.name or "error").lower().replace(" ", "_")
+        return jsonify({"error": {"code": code, "message": exc.description or exc.name}}), exc.code
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception):
+        log.exception("unhandled error")
+        return jsonify({"error": {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"}}), 500
+
+    with transaction() as session:
+        sync_backends(session, get_settings().backends())
+    return app

@@ -1,0 +1,89 @@
+"""/v1/jobs: submit bulk jobs, follow their progress, list their items, cancel them."""
+
+from __future__ import annotations
+
+from flask import Blueprint, jsonify, url_for
+from sqlalchemy import select
+
+from api.openapi import operation
+from api.schemas import (
+    ItemOut,
+    ItemPage,
+    ItemQuery,
+    JobAccepted,
+    JobCreate,
+    JobList,
+    JobListQuery,
+    JobOut,
+)
+from ferry.catalog import jobs as catalog
+from ferry.catalog.db import transaction
+from ferry.catalog.models import Job
+from tasks import jobs as job_tasks
+
+bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
+
+
+def job_out(session, job: Job) -> dict:
+    spec = job.spec
+    return JobOut(
+        id=job.id, kind=job.kind, state=job.state, source=spec["source"], targets=spec["targets"],
+        keep_source=spec.get("keep_source", False), total=job.total, error=job.error,
+        created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
+        **catalog.counts(session, job.id),
+    ).model_dump(mode="json")
+
+
+@operation(bp, "", "POST", summary="Submit a migrate or replicate job", body=JobCreate,
+           responses={202: JobAccepted})
+def create(body: JobCreate):
+    source = body.source.model_dump(exclude_none=True)
+    if body.source.keys is not None:
+        source["keys"] = len(body.source.keys)  # the items hold the keys; the spec keeps a count
+    spec = {"source": source, "targets": [t.model_dump() for t in body.targets],
+            "keep_source": body.keep_source}
+    request = job_tasks.JobRequest(
+        kind=body.kind, source_backend=body.source.backend, keys=body.source.keys,
+        prefix=body.source.prefix, keep_source=body.keep_source, spec=spec,
+        targets=[job_tasks.Target(t.backend, t.prefix) for t in body.targets])
+    job = job_tasks.submit(request)
+    url = url_for("jobs.get", job_id=job.id)
+    accepted = JobAccepted(id=job.id, state=job.state, url=url)
+    return jsonify(accepted.model_dump(mode="json")), 202, {"Location": url}
+
+
+@operation(bp, "", "GET", summary="List recent jobs", query=JobListQuery, responses={200: JobList})
+def index(query: JobListQuery):
+    with transaction() as session:
+        q = select(Job).order_by(Job.created_at.desc()).limit(query.limit)
+        if query.state is not None:
+            q = q.where(Job.state == query.state)
+        return jsonify({"jobs": [job_out(session, j) for j in session.scalars(q)]})
+
+
+@operation(bp, "/<job_id>", "GET", summary="A job's state and progress counts", responses={200: JobOut})
+def get(job_id: str):
+    with transaction() as session:
+        return jsonify(job_out(session, catalog.get_job(session, job_id)))
+
+
+@operation(bp, "/<job_id>/items", "GET", summary="A job's items, filtered by state, paged by seq",
+           query=ItemQuery, responses={200: ItemPage})
+def items(job_id: str, query: ItemQuery):
+    with transaction() as session:
+        job = catalog.get_job(session, job_id)
+        rows = catalog.list_items(session, job.id, state=query.state, after=query.after, limit=query.limit)
+        page = ItemPage(
+            items=[ItemOut.model_validate(r, from_attributes=True) for r in rows],
+            next_after=rows[-1].seq if len(rows) == query.limit else None,
+        )
+        return jsonify(page.model_dump(mode="json"))
+
+
+@operation(bp, "/<job_id>/cancel", "POST", summary="Cancel a job that has not ended",
+           responses={200: JobOut, 409: None})
+def cancel(job_id: str):
+    with transaction() as session:
+        job = catalog.cancel_job(session, job_id)
+        session.flush()
+        return jsonify(job_out(session, job))

@@ -1,0 +1,143 @@
+"""OpenAPI from the same pydantic models that validate requests: one source of truth.
+
+Views are registered with `operation(...)`, which records the path, method, body and
+query models and the responses; `spec()` renders them as an OpenAPI 3.1 document.
+The wrapper parses and validates the body and query before the view runs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import wraps
+from typing import Any
+
+from flask import Blueprint, request
+from pydantic import BaseModel, ValidationError
+
+from ferry import __version__
+from ferry.errors import InvalidRequest
+
+
+class MalformedBody(InvalidRequest):
+    """Raised when a request body is not a JSON object."""
+
+    code = "malformed_json"
+    status = 400
+
+
+@dataclass
+class Operation:
+    path: str
+    method: str
+    summary: str
+    tag: str
+    responses: dict[int, type[BaseModel] | None]
+    body: type[BaseModel] | None = None
+    query: type[BaseModel] | None = None
+    path_params: list[str] = field(default_factory=list)
+
+
+OPERATIONS: list[Operation] = []
+_RULE_PARAM = re.compile(r"<(?:[a-z]+:)?([a-z_]+)>")
+
+
+def operation(bp: Blueprint, rule: str, method: str, *, summary: str, responses: dict,
+              body: type[BaseModel] | None = None, query: type[BaseModel] | None = None) -> Callable:
+    path = (bp.url_prefix or "") + rule
+    op = Operation(_RULE_PARAM.sub(r"{\1}", path), method.lower(), summary, bp.name, responses, body,
+                   query, _RULE_PARAM.findall(path))
+    OPERATIONS.append(op)
+
+    def decorate(fn: Callable) -> Callable:
+        @wraps(fn)
+        def view(**kwargs: Any) -> Any:
+            if body is not None:
+                kwargs["body"] = validated(body, _json_body())
+            if query is not None:
+                kwargs["query"] = validated(query, request.args.to_dict())
+            return fn(**kwargs)
+
+        bp.add_url_rule(rule, view_func=view, methods=[method])
+        return view
+
+    return decorate
+
+
+def _json_body() -> Any:
+    raw = request.get_data(cache=False)
+    if not raw:
+        raise MalformedBody("the request needs a JSON body")
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MalformedBody(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise MalformedBody("the body must be a JSON object")
+    return data
+
+
+def validated(model: type[BaseModel], data: Any) -> BaseModel:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = [{"field": ".".join(str(p) for p in e["loc"]) or None, "reason": e["msg"]}
+                    for e in exc.errors(include_url=False)]
+        first = problems[0]
+        raise InvalidRequest(f"{first['field']}: {first['reason']}" if first["field"] else first["reason"],
+                             field=first["field"], details=problems) from None
+
+
+def _schema(model: type[BaseModel], components: dict[str, Any]) -> dict[str, Any]:
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    for name, sub in schema.pop("$defs", {}).items():
+        components[name] = sub
+    components[model.__name__] = schema
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def spec(error_model: type[BaseModel]) -> dict[str, Any]:
+    components: dict[str, Any] = {}
+    paths: dict[str, Any] = {}
+    error_ref = _schema(error_model, components)
+    for op in OPERATIONS:
+        entry: dict[str, Any] = {"summary": op.summary, "tags": [op.tag],
+                                 "operationId": f"{op.method}_{op.path.strip('/').replace('/', '_')}"
+                                 .replace("{", "").replace("}", "").replace(".", "_"),
+                                 "responses": {}}
+        params = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+                  for p in op.path_params]
+        if op.query is not None:
+            qschema = op.query.model_json_schema()
+            for name, prop in qschema.get("properties", {}).items():
+                params.append({"name": name, "in": "query", "required": name in qschema.get("required", []),
+                               "schema": prop})
+        if params:
+            entry["parameters"] = params
+        if op.body is not None:
+            entry["requestBody"] = {"required": True,
+                                    "content": {"application/json": {"schema": _schema(op.body, components)}}}
+        for status, model in op.responses.items():
+            content = {"application/json": {"schema": _schema(model, components)}} if model else None
+            entry["responses"][str(status)] = {"description": _REASONS.get(status, "response"),
+                                               **({"content": content} if content else {})}
+        errors = ([400, 413, 422] if op.body else []) + ([422] if op.query else [])
+        errors += [404] if op.path_params else []
+        for status in errors:
+            entry["responses"].setdefault(str(status), {
+                "description": _REASONS[status], "content": {"application/json": {"schema": error_ref}}})
+        paths.setdefault(op.path, {})[op.method] = entry
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Ferry control API", "version": __version__,
+                 "description": "Bulk jobs that keep content-addressed objects where policy says."},
+        "paths": paths,
+        "components": {"schemas": components},
+    }
+
+
+_REASONS = {200: "OK", 202: "Accepted", 400: "Malformed request", 404: "Not found",
+            409: "Conflict with the current state", 413: "Request body too large",
+            422: "Invalid request", 500: "Internal error", 503: "Not ready"}

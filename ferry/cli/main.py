@@ -1,0 +1,382 @@
+"""`ferry`: submit and follow jobs through the API, and run Ferry's processes.
+
+Exit codes: 0 success; 1 the job ended with failed items (or failed, or was cancelled);
+2 the request was refused (bad input); 3 the API could not be reached or errored.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ferry.cli.client import ApiError, ApiUnreachable, Client
+from ferry.errors import FerryError
+from ferry.settings import get_settings
+
+EXIT_OK, EXIT_ITEMS_FAILED, EXIT_REFUSED, EXIT_UNREACHABLE = 0, 1, 2, 3
+TERMINAL = {"succeeded", "failed", "partially_failed", "cancelled"}
+
+console = Console(stderr=True)
+out = Console()
+
+
+def fail(message: str, code: int) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    sys.exit(code)
+
+
+class FerryGroup(click.Group):
+    """Turns Ferry's errors into one-line messages and exit codes."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except ApiError as exc:
+            where = f" (field {exc.field})" if exc.field else ""
+            fail(f"{exc.message}{where} [{exc.code}]", EXIT_REFUSED if exc.status < 500 else EXIT_UNREACHABLE)
+        except ApiUnreachable as exc:
+            fail(exc.message, EXIT_UNREACHABLE)
+        except FerryError as exc:
+            fail(exc.message, EXIT_REFUSED)
+
+
+@click.group(cls=FerryGroup)
+@click.version_option(package_name="ferry")
+def cli() -> None:
+    """Ferry keeps content-addressed objects where policy says they should be."""
+
+
+def client() -> Client:
+    settings = get_settings()
+    return Client(settings.api_url, settings.api_key)
+
+
+# --- jobs -------------------------------------------------------------------------------
+
+def parse_location(text: str, *, role: str) -> tuple[str, str]:
+    """'backend:path' -> (backend, path)."""
+    backend, sep, path = text.partition(":")
+    if not sep or not backend:
+        raise click.BadParameter(f"{text!r}: expected BACKEND:PATH, e.g. local:photos/", param_hint=role)
+    return backend, path
+
+
+def job_payload(kind: str, src: str, dsts: tuple[str, ...], keep_source: bool, keys_from) -> dict:
+    backend, path = parse_location(src, role="SRC")
+    source: dict = {"backend": backend}
+    if keys_from is not None:
+        if path:
+            raise click.BadParameter("with --keys-from, give SRC as BACKEND: only", param_hint="SRC")
+        source["keys"] = [line.strip() for line in keys_from if line.strip()]
+    elif path == "" or path.endswith("/"):
+        source["prefix"] = path
+    else:
+        source["keys"] = [path]
+    targets = []
+    for d in dsts:
+        tb, tp = parse_location(d, role="DST")
+        if tp and not tp.endswith("/"):
+            tp += "/"
+        targets.append({"backend": tb, "prefix": tp})
+    payload = {"kind": kind, "source": source, "targets": targets}
+    if kind == "migrate":
+        payload["keep_source"] = keep_source
+    return payload
+
+
+def _submit_and_follow(payload: dict, wait: bool, as_json: bool) -> None:
+    c = client()
+    accepted = c.submit(payload)
+    job_id = accepted["id"]
+    if not wait:
+        out.print_json(data=accepted) if as_json else out.print(job_id)
+        return
+    job = follow(c, job_id, quiet=as_json)
+    if as_json:
+        out.print_json(data=job)
+    else:
+        summary(c, job)
+    sys.exit(exit_code(job))
+
+
+wait_opt = click.option("--wait/--no-wait", default=True, show_default=True,
+                        help="Follow the job with a progress bar until it ends.")
+json_opt = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+keys_opt = click.option("--keys-from", type=click.File("r"), default=None,
+                        help="Read the source keys from a file, one per line ('-' for stdin).")
+
+
+@cli.command()
+@click.argument("src")
+@click.argument("dst")
+@click.option("--keep-source", is_flag=True, help="Keep the source once the copy is verified.")
+@keys_opt
+@wait_opt
+@json_opt
+def migrate(src: str, dst: str, keep_source: bool, keys_from, wait: bool, as_json: bool) -> None:
+    """Move objects: copy SRC to DST, verify the copy, then delete the source.
+
+    SRC and DST are BACKEND:PATH; a PATH ending in '/' (or empty) is a prefix.
+    Example: ferry migrate local:photos/ s3:archive/
+    """
+    _submit_and_follow(job_payload("migrate", src, (dst,), keep_source, keys_from), wait, as_json)
+
+
+@cli.command()
+@click.argument("src")
+@click.argument("dsts", nargs=-1, required=True, metavar="DST...")
+@keys_opt
+@wait_opt
+@json_opt
+def replicate(src: str, dsts: tuple[str, ...], keys_from, wait: bool, as_json: bool) -> None:
+    """Copy objects from SRC to one or more DSTs, verifying every copy."""
+    _submit_and_follow(job_payload("replicate", src, dsts, False, keys_from), wait, as_json)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def follow(c: Client, job_id: str, *, quiet: bool = False, interval: float = 0.5) -> dict:
+    """Poll a job until it ends, showing objects, bytes, rate and ETA."""
+    started = time.monotonic()
+    progress = Progress(
+        SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("objects"), TextColumn("{task.fields[bytes]}"), TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(), console=console, disable=quiet, transient=False,
+    )
+    with progress:
+        task = progress.add_task(f"job {job_id[:8]}", total=None, bytes="", rate="")
+        while True:
+            job = c.job(job_id)
+            counts, nbytes = job["items"], job["bytes"]
+            finished = counts["done"] + counts["skipped"] + counts["failed"] + counts["cancelled"]
+            elapsed = max(time.monotonic() - started, 1e-6)
+            progress.update(
+                task, total=job["total"], completed=finished, description=f"job {job_id[:8]} {job['state']}",
+                bytes=f"{_human(nbytes['done'])}/{_human(nbytes['known'])}" if nbytes["known"] else _human(nbytes["done"]),
+                rate=f"{_human(nbytes['done'] / elapsed)}/s",
+            )
+            if job["state"] in TERMINAL:
+                return job
+            time.sleep(interval)
+
+
+def exit_code(job: dict) -> int:
+    return EXIT_OK if job["state"] == "succeeded" else EXIT_ITEMS_FAILED
+
+
+def summary(c: Client, job: dict) -> None:
+    counts = job["items"]
+    table = Table(title=f"{job['kind']} job {job['id']}: {job['state']}", show_header=False)
+    for key in ("total", "done", "skipped", "failed", "cancelled"):
+        table.add_row(key, str(counts[key]))
+    table.add_row("bytes", _human(job["bytes"]["done"]))
+    if job.get("started_at") and job.get("finished_at"):
+        from datetime import datetime
+        secs = (datetime.fromisoformat(job["finished_at"]) - datetime.fromisoformat(job["started_at"])).total_seconds()
+        table.add_row("time", f"{secs:.1f} s")
+        if secs > 0:
+            table.add_row("rate", f"{counts['done'] / secs:.0f} objects/s, {_human(job['bytes']['done'] / secs)}/s")
+    out.print(table)
+    if job.get("error"):
+        console.print(f"[red]{job['error']}[/]")
+    if counts["failed"]:
+        failed = c.items(job["id"], state="failed", limit=10)["items"]
+        for item in failed:
+            console.print(f"[red]failed[/] {item['source_key']}: {item['error']}", highlight=False)
+        if counts["failed"] > len(failed):
+            console.print(f"... see all with: ferry job items {job['id']} --state failed")
+
+
+# --- job ----------------------------------------------------------------------------------
+
+@cli.group()
+def job() -> None:
+    """Follow, list and cancel jobs."""
+
+
+@job.command("status")
+@click.argument("job_id")
+@json_opt
+def job_status(job_id: str, as_json: bool) -> None:
+    """A job's state and counts."""
+    c = client()
+    data = c.job(job_id)
+    if as_json:
+        out.print_json(data=data)
+    else:
+        summary(c, data)
+    sys.exit(exit_code(data) if data["state"] in TERMINAL else EXIT_OK)
+
+
+@job.command("watch")
+@click.argument("job_id")
+@json_opt
+def job_watch(job_id: str, as_json: bool) -> None:
+    """Follow a job with a progress bar until it ends."""
+    c = client()
+    data = follow(c, job_id, quiet=as_json)
+    out.print_json(data=data) if as_json else summary(c, data)
+    sys.exit(exit_code(data))
+
+
+@job.command("items")
+@click.argument("job_id")
+@click.option("--state", type=click.Choice(["queued", "running", "done", "failed", "skipped", "cancelled"]))
+@click.option("--limit", type=click.IntRange(1, 1_000_000), default=100, show_default=True)
+@json_opt
+def job_items(job_id: str, state: str | None, limit: int, as_json: bool) -> None:
+    """A job's items, optionally only those in one state."""
+    c = client()
+    items: list[dict] = []
+    after = -1
+    while len(items) < limit:
+        page = c.items(job_id, state=state, after=after, limit=min(1000, limit - len(items)))
+        items += page["items"]
+        if page["next_after"] is None:
+            break
+        after = page["next_after"]
+    if as_json:
+        out.print_json(data={"items": items})
+        return
+    table = Table("seq", "state", "source", "destination", "size", "error")
+    for it in items:
+        table.add_row(str(it["seq"]), it["state"], it["source_key"], f"{it['dest_backend']}:{it['dest_key']}",
+                      "" if it["size"] is None else _human(it["size"]), it["error"] or "")
+    out.print(table)
+
+
+@job.command("cancel")
+@click.argument("job_id")
+@json_opt
+def job_cancel(job_id: str, as_json: bool) -> None:
+    """Cancel a job: queued items are dropped, running ones finish."""
+    data = client().cancel(job_id)
+    out.print_json(data=data) if as_json else out.print(f"job {job_id} {data['state']}")
+
+
+@cli.command()
+@json_opt
+def backends(as_json: bool) -> None:
+    """The backends the API knows."""
+    data = client().request("GET", "/v1/backends")
+    if as_json:
+        out.print_json(data=data)
+        return
+    table = Table("name", "driver", "labels", "queue")
+    for b in data["backends"]:
+        table.add_row(b["name"], b["driver"], ", ".join(f"{k}={v}" for k, v in b["labels"].items()), b["queue"])
+    out.print(table)
+
+
+# --- processes --------------------------------------------------------------------------
+
+@cli.group()
+def db() -> None:
+    """The catalog database."""
+
+
+@db.command("upgrade")
+def db_upgrade() -> None:
+    """Apply the catalog's migrations."""
+    from ferry.catalog.migrate import upgrade
+
+    upgrade()
+    console.print(f"catalog at {_redact_url(get_settings().database)} is up to date")
+
+
+def _redact_url(url: str) -> str:
+    parsed = urlparse(url)
+    if parsed.password:
+        return url.replace(f":{parsed.password}@", ":***@")
+    return url
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the API listens on.")
+@click.option("--port", default=8470, show_default=True)
+@click.option("--concurrency", default=2, show_default=True, help="Worker processes.")
+@click.option("--log-dir", type=click.Path(path_type=Path), default=None,
+              help="Write each process's log to a file here instead of the terminal.")
+def serve(host: str, port: int, concurrency: int, log_dir: Path | None) -> None:
+    """Run everything in one go: API, a worker on every queue, and beat.
+
+    With no configuration this is the embedded mode: SQLite, a filesystem broker and
+    two local disks under FERRY_DATA_DIR (default ~/.ferry).
+    """
+    from ferry.catalog.migrate import upgrade
+    from ferry.cli import launch
+
+    settings = get_settings()
+    settings.data_path.mkdir(parents=True, exist_ok=True)
+    upgrade()
+    group = launch.ProcessGroup(log_dir)
+    group.start("api", launch.api_command(f"{host}:{port}"))
+    group.start("worker", launch.worker_command(launch.all_queues(settings), concurrency, "ferry@%h"))
+    group.start("beat", launch.beat_command(settings))
+    url = f"http://{host}:{port}"
+    try:
+        launch.wait_ready(url)
+    except TimeoutError as exc:
+        group.stop()
+        fail(str(exc), EXIT_UNREACHABLE)
+    console.print(f"ferry: API on {url}, data in {settings.data_path}, backends: "
+                  f"{', '.join(settings.backends())}. Ctrl-C stops.", highlight=False)
+    sys.exit(group.wait())
+
+
+@cli.command()
+@click.option("--bind", default="127.0.0.1:8470", show_default=True)
+@click.option("--workers", default=2, show_default=True)
+def api(bind: str, workers: int) -> None:
+    """Run the API server alone (gunicorn)."""
+    from ferry.cli import launch
+
+    group = launch.ProcessGroup()
+    group.start("api", launch.api_command(bind, workers))
+    sys.exit(group.wait())
+
+
+@cli.command()
+@click.option("--queues", "-Q", default=None, help="Comma-separated queues (default: all).")
+@click.option("--concurrency", "-c", default=2, show_default=True)
+@click.option("--name", "-n", default="ferry@%h", show_default=True)
+def worker(queues: str | None, concurrency: int, name: str) -> None:
+    """Run a Celery worker, e.g. one per backend queue: -Q backend.s3-archive."""
+    from ferry.cli import launch
+
+    group = launch.ProcessGroup()
+    qs = queues.split(",") if queues else launch.all_queues(get_settings())
+    group.start("worker", launch.worker_command(qs, concurrency, name))
+    sys.exit(group.wait())
+
+
+@cli.command()
+def beat() -> None:
+    """Run Celery beat (exactly one per cluster): it drives the reconcile sweep."""
+    from ferry.cli import launch
+
+    group = launch.ProcessGroup()
+    group.start("beat", launch.beat_command(get_settings()))
+    sys.exit(group.wait())
+
+
+def main() -> None:  # pragma: no cover
+    cli()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    cli()

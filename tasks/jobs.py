@@ -1,0 +1,170 @@
+"""Submitting jobs, and listing a source prefix into job items (`ferry.expand`).
+
+A job names its source as a list of keys or a prefix of a backend. Keys become items
+at once, in bulk, in the request's transaction; a prefix is listed by a task on the
+source backend's queue, a page at a time, so a request never waits on a listing.
+Messages are sent only after the transaction that created their items commits.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+
+from ferry.catalog import jobs as catalog
+from ferry.catalog.db import after_commit, transaction
+from ferry.catalog.models import Job, JobKind, JobState
+from ferry.errors import BackendUnavailable, FerryError, InvalidRequest, UnknownBackend
+from ferry.settings import get_settings
+from tasks.app import app, backoff, send_batches, send_expand
+from workers import registry
+from workers.base import check_key, check_prefix
+
+log = logging.getLogger(__name__)
+PAGE = 1000
+
+
+@dataclass(frozen=True)
+class Target:
+    backend: str
+    prefix: str = ""
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """A validated bulk request; dest key = target prefix + source key less source prefix."""
+
+    kind: JobKind
+    source_backend: str
+    targets: list[Target]
+    keys: list[str] | None = None
+    prefix: str | None = None
+    keep_source: bool = False
+    spec: dict = field(default_factory=dict)
+
+    def dest_key(self, target: Target, key: str) -> str:
+        rel = key[len(self.prefix):] if self.prefix else key
+        return target.prefix + rel
+
+
+def validate(request: JobRequest) -> None:
+    """Refuse what can be known wrong before anything is stored (InvalidRequest family)."""
+    backends = get_settings().backends()
+    if request.source_backend not in backends:
+        raise UnknownBackend(f"unknown backend {request.source_backend!r}", field="source.backend")
+    if not request.targets:
+        raise InvalidRequest("at least one target is required", field="targets")
+    if request.kind == JobKind.migrate and len(request.targets) != 1:
+        raise InvalidRequest("a migrate job has exactly one target", field="targets")
+    seen = set()
+    for i, t in enumerate(request.targets):
+        if t.backend not in backends:
+            raise UnknownBackend(f"unknown backend {t.backend!r}", field=f"targets[{i}].backend")
+        check_prefix(t.prefix)
+        if t.backend in seen:
+            raise InvalidRequest(f"backend {t.backend!r} is named twice", field=f"targets[{i}].backend")
+        seen.add(t.backend)
+    if (request.keys is None) == (request.prefix is None):
+        raise InvalidRequest("give the source as either keys or a prefix", field="source")
+    if request.keys is not None:
+        if not request.keys:
+            raise InvalidRequest("the source key list is empty", field="source.keys")
+        for i, key in enumerate(request.keys):
+            try:
+                check_key(key)
+            except FerryError as exc:
+                exc.field = f"source.keys[{i}]"
+                raise
+        if len(set(request.keys)) != len(request.keys):
+            raise InvalidRequest("the source key list repeats keys", field="source.keys")
+    else:
+        check_prefix(request.prefix or "")
+    for i, t in enumerate(request.targets):
+        if t.backend == request.source_backend and t.prefix == (request.prefix or ""):
+            raise InvalidRequest("a target is the source itself: every object would be copied onto itself",
+                                 field=f"targets[{i}]")
+
+
+def submit(request: JobRequest) -> Job:
+    """Validate, store the job (and its items when keys are given) and enqueue its work."""
+    validate(request)
+    settings = get_settings()
+    with transaction() as session:
+        job = catalog.create_job(session, kind=request.kind, source_backend=request.source_backend,
+                                 spec=request.spec, expand=request.prefix is not None)
+        if request.keys is not None:
+            items = [catalog.NewItem(key, t.backend, request.dest_key(t, key))
+                     for t in request.targets for key in request.keys]
+            batches = catalog.add_items(session, job.id, 0, items, batch_items=settings.batch_items,
+                                        batch_bytes=settings.batch_bytes)
+            catalog.mark_expanded(session, job, len(items))
+            after_commit(session, lambda: send_batches(batches))
+        else:
+            job_id = str(job.id)
+            after_commit(session, lambda: send_expand(job_id, request.source_backend))
+    return job
+
+
+def request_from_spec(kind: JobKind, spec: dict) -> JobRequest:
+    src = spec["source"]
+    return JobRequest(kind=kind, source_backend=src["backend"], keys=src.get("keys"),
+                      prefix=src.get("prefix"), keep_source=spec.get("keep_source", False),
+                      targets=[Target(t["backend"], t.get("prefix", "")) for t in spec["targets"]],
+                      spec=spec)
+
+
+@app.task(name="ferry.expand", bind=True, max_retries=None)
+def expand(self, job_id: str) -> dict:
+    """List the job's source prefix into items, a page at a time; idempotent."""
+    settings = get_settings()
+    jid = uuid.UUID(job_id)
+    with transaction() as session:
+        job = session.get(Job, jid)
+        if job is None or job.state != JobState.pending:
+            return {"items": 0}
+        request = request_from_spec(job.kind, job.spec)
+    try:
+        source = registry.get(settings.backends()[request.source_backend])
+        seq = 0
+        page = []
+        for stat in source.list(request.prefix or ""):
+            page.append(stat)
+            if len(page) == PAGE:
+                seq = _add_page(jid, request, seq, page)
+                page = []
+        seq = _add_page(jid, request, seq, page)
+    except BackendUnavailable as exc:
+        log.warning("listing %s for job %s: %s; retrying", request.source_backend, job_id, exc)
+        raise self.retry(countdown=backoff(self.request.retries), max_retries=settings.max_attempts) from exc
+    except (FerryError, KeyError) as exc:
+        with transaction() as session:
+            catalog.fail_job(session, catalog.get_job(session, jid, lock=True), f"listing the source failed: {exc}")
+        return {"items": 0}
+    with transaction() as session:
+        job = catalog.get_job(session, jid, lock=True)
+        if job.state == JobState.pending:
+            if seq == 0:
+                where = f"{request.source_backend}:{request.prefix}"
+                catalog.fail_job(session, job, f"the source prefix {where!r} matched no objects")
+            else:
+                catalog.mark_expanded(session, job, seq)
+                session.flush()
+                catalog.finish_if_complete(session, jid)
+    return {"items": seq}
+
+
+def _add_page(jid: uuid.UUID, request: JobRequest, seq: int, page: list) -> int:
+    if not page:
+        return seq
+    settings = get_settings()
+    items = [catalog.NewItem(stat.key, t.backend, request.dest_key(t, stat.key), stat.size)
+             for t in request.targets for stat in page]
+    with transaction() as session:
+        job = catalog.get_job(session, jid, lock=True)
+        if job.state != JobState.pending:  # cancelled while listing
+            return seq + len(items)
+        batches = catalog.add_items(session, jid, seq, items, batch_items=settings.batch_items,
+                                    batch_bytes=settings.batch_bytes)
+        after_commit(session, lambda: send_batches(batches))
+    return seq + len(items)
