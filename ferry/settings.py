@@ -142,11 +142,24 @@ def default_backends(root: Path) -> dict[str, BackendSpec]:
     }
 
 
+_loaded: dict[tuple[Path, int], dict[str, BackendSpec]] = {}
+
+
 def load_backends(path: Path, *, default_root: Path | None = None) -> dict[str, BackendSpec]:
-    if not path.exists():
+    """Parse the backends file, once per version of it (it is read on every task)."""
+    try:
+        mtime = path.stat().st_mtime_ns
+    except FileNotFoundError:
         if default_root is None:
-            raise ConfigError(f"backends file {path} does not exist")
+            raise ConfigError(f"backends file {path} does not exist") from None
         return default_backends(default_root)
+    if (path, mtime) not in _loaded:
+        _loaded.clear()
+        _loaded[(path, mtime)] = _parse_backends(path)
+    return _loaded[(path, mtime)]
+
+
+def _parse_backends(path: Path) -> dict[str, BackendSpec]:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
         parsed = BackendsFile.model_validate(raw)

@@ -1,0 +1,115 @@
+"""Test session set-up: a fresh Postgres database, a Redis database and a backends file.
+
+The suite runs against real services (see README, "Tests"): Postgres on
+127.0.0.1:5432 and Redis on 127.0.0.1:6379, overridable with FERRY_TEST_POSTGRES
+(an admin URL) and FERRY_TEST_REDIS. A missing service fails the run with the
+command that starts it; nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest_plugins = ["tests.fixtures.s3peer", "tests.fixtures.cluster"]
+
+ADMIN_URL = os.environ.get("FERRY_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_BASE = os.environ.get("FERRY_TEST_REDIS", "redis://127.0.0.1:6379")
+_state: dict = {}
+
+
+def _admin_connect():
+    import psycopg
+
+    try:
+        return psycopg.connect(ADMIN_URL.replace("postgresql+psycopg", "postgresql"), autocommit=True,
+                               connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.exit(f"Postgres is not reachable at {ADMIN_URL} ({exc}); start it with "
+                    "`pg_ctlcluster $(ls /etc/postgresql) main start` or run .ci/run", returncode=3)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import redis
+
+    tmp = Path(tempfile.mkdtemp(prefix="ferry-test-"))
+    dbname = f"ferry_test_{os.getpid()}"
+    with _admin_connect() as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{dbname}"')
+        conn.execute(f'CREATE DATABASE "{dbname}"')
+    redis_db = 1 + os.getpid() % 15
+    broker = f"{REDIS_BASE}/{redis_db}"
+    try:
+        redis.Redis.from_url(broker, socket_timeout=5).flushdb()
+    except redis.RedisError as exc:
+        pytest.exit(f"Redis is not reachable at {broker} ({exc}); start it with redis-server "
+                    "(see README) or run .ci/run", returncode=3)
+    db_url = ADMIN_URL.rsplit("/", 1)[0] + f"/{dbname}"
+    backends_file = tmp / "backends.yaml"
+    write_backends(backends_file, tmp / "disks")
+    os.environ.update({
+        "FERRY_DATA_DIR": str(tmp / "data"),
+        "FERRY_DATABASE_URL": db_url,
+        "FERRY_BROKER_URL": broker,
+        "FERRY_BACKENDS_FILE": str(backends_file),
+    })
+    _state.update(tmp=tmp, dbname=dbname, db_url=db_url, broker=broker)
+
+    from ferry.catalog.migrate import upgrade
+    from ferry.settings import get_settings
+
+    get_settings.cache_clear()
+    upgrade()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if not _state:
+        return
+    from ferry.catalog.db import engine_for
+
+    engine_for(_state["db_url"]).dispose()
+    with _admin_connect() as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{_state["dbname"]}" WITH (FORCE)')
+    shutil.rmtree(_state["tmp"], ignore_errors=True)
+
+
+def write_backends(path: Path, disks: Path, s3_endpoint: str | None = None, bucket: str | None = None) -> None:
+    backends = [
+        {"name": "local", "driver": "local", "labels": {"tier": "hot"}, "settings": {"root": str(disks / "local")}},
+        {"name": "archive", "driver": "local", "labels": {"tier": "cold"},
+         "settings": {"root": str(disks / "archive")}},
+    ]
+    if s3_endpoint:
+        backends.append({
+            "name": "s3", "driver": "s3", "labels": {"tier": "cold", "region": "local"},
+            "settings": {"bucket": bucket, "endpoint_url": s3_endpoint, "create_bucket": True,
+                         "access_key_id": {"env": "AWS_ACCESS_KEY_ID"},
+                         "secret_access_key": {"env": "AWS_SECRET_ACCESS_KEY"},
+                         "multipart_threshold": 8 * 2**20, "part_size": 5 * 2**20},
+        })
+    tmp_path = path.with_suffix(".tmp")
+    tmp_path.write_text(yaml.safe_dump({"backends": backends}))
+    tmp_path.replace(path)
+
+
+@pytest.fixture(scope="session")
+def test_env() -> dict:
+    """Paths and URLs of this test session."""
+    return dict(_state)
+
+
+@pytest.fixture(scope="session")
+def disks(test_env) -> Path:
+    return test_env["tmp"] / "disks"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def s3_backend(s3_server, disks, test_env) -> str:
+    """Adds an `s3` backend (a bucket on the moto peer) to the session's backends file."""
+    write_backends(Path(os.environ["FERRY_BACKENDS_FILE"]), disks, s3_server, "ferry-e2e")
+    return "s3"

@@ -1,0 +1,495 @@
+"""The storage backend contract, run against every driver.
+
+Each contract test takes the `backend` fixture, parametrized over the drivers: "local"
+on a temporary directory and "s3" on a fresh bucket of a moto server on loopback (see
+tests/fixtures/s3peer.py). The S3 backend is given a 5 MiB multipart threshold and part
+size, S3's minimum, so the larger cases go through multipart upload. Backends are built
+through workers.registry from a BackendSpec, as workers build them.
+
+Tests of one driver only (symlinks, S3 error mapping, settings) come after the contract.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import random
+import socket
+import time
+import tracemalloc
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ferry.errors import BackendError, BackendUnavailable, ConfigError, InvalidKey, KeyNotFound
+from ferry.settings import BackendSpec
+from workers import registry
+from workers.base import Backend, ObjectStat
+
+MiB = 1024 * 1024
+S3_PREFIX = "ferry/"
+
+
+def build(driver: str, **settings) -> Backend:
+    return registry.build(BackendSpec(name=f"test-{driver}", driver=driver, settings=settings))
+
+
+def s3_settings(endpoint: str, bucket: str, **extra) -> dict:
+    return {
+        "bucket": bucket,
+        "endpoint_url": endpoint,
+        "prefix": S3_PREFIX,
+        # Resolved by the registry from the environment the s3_server fixture sets.
+        "access_key_id": {"env": "AWS_ACCESS_KEY_ID"},
+        "secret_access_key": {"env": "AWS_SECRET_ACCESS_KEY"},
+        "multipart_threshold": 5 * MiB,
+        "part_size": 5 * MiB,
+        **extra,
+    }
+
+
+@pytest.fixture(params=["local", "s3"])
+def backend(request, tmp_path) -> Backend:
+    if request.param == "local":
+        return build("local", root=str(tmp_path / "root"))
+    # Looked up here so local-only runs never start the S3 server.
+    endpoint = request.getfixturevalue("s3_server")
+    bucket = request.getfixturevalue("s3_bucket")
+    return build("s3", **s3_settings(endpoint, bucket))
+
+
+# -- helpers reaching behind a backend, to see what it really left in storage ----------
+
+
+def raw_contents(backend: Backend) -> list[str]:
+    """Everything in the backend's storage, objects or not: every file under a local
+    root (temporary files included), every object in the bucket (outside the prefix
+    too) and every unfinished multipart upload."""
+    if backend.driver == "local":
+        root = Path(backend.root)
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir())
+    client, bucket = backend.client, backend.config.bucket
+    found = [item["Key"] for item in client.list_objects_v2(Bucket=bucket).get("Contents", ())]
+    found += [f"upload:{u['Key']}" for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", ())]
+    return sorted(found)
+
+
+def plant_write_in_progress(backend: Backend, key: str) -> None:
+    """What a write of `key` that is still running leaves behind."""
+    if backend.driver == "local":
+        path = Path(backend.root, *key.split("/"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        (path.parent / ".ferry-tmp-abcd1234").write_bytes(b"half")
+    else:
+        backend.client.create_multipart_upload(Bucket=backend.config.bucket, Key=S3_PREFIX + key)
+
+
+def payload(size: int) -> bytes:
+    return random.Random(size).randbytes(size)
+
+
+def chunked(data: bytes, chunk: int = 777_777) -> Iterator[bytes]:
+    # An odd chunk size, so chunk and part boundaries never line up.
+    for start in range(0, len(data), chunk):
+        yield data[start:start + chunk]
+
+
+def read_all(backend: Backend, key: str, chunk_size: int = 256 * 1024) -> bytes:
+    chunks = list(backend.read(key, chunk_size))
+    assert all(type(c) is bytes and 0 < len(c) <= chunk_size for c in chunks)
+    return b"".join(chunks)
+
+
+def keys(stats: Iterator[ObjectStat]) -> list[str]:
+    return [s.key for s in stats]
+
+
+# -- the contract ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 1, MiB + 1, 12 * MiB], ids=["empty", "1B", "1MiB+1", "12MiB"])
+@pytest.mark.parametrize("announce", [True, False], ids=["sized", "unsized"])
+def test_round_trip(backend, size, announce):
+    data = payload(size)
+    written = backend.write("dir/obj.bin", chunked(data), size=size if announce else None)
+    assert written == size
+    assert read_all(backend, "dir/obj.bin") == data
+    stat = backend.stat("dir/obj.bin")
+    assert (stat.key, stat.size) == ("dir/obj.bin", size)
+    assert stat.mtime is not None and abs(stat.mtime - time.time()) < 3600
+    if backend.driver == "s3":  # S3 marks a multipart object's ETag with its part count
+        assert stat.etag is not None and stat.etag.endswith("-3") == (size == 12 * MiB)
+    assert raw_contents(backend) == [("ferry/" if backend.driver == "s3" else "") + "dir/obj.bin"]
+
+
+def test_overwrite_replaces(backend):
+    backend.write("k", [b"old"], size=3)
+    big = payload(6 * MiB)
+    backend.write("k", chunked(big))  # small to multipart-sized
+    assert read_all(backend, "k") == big
+    backend.write("k", [b"new", b"er"], size=5)  # and back
+    assert read_all(backend, "k") == b"newer"
+    assert backend.stat("k").size == 5
+    assert keys(backend.list()) == ["k"]
+
+
+def test_missing_keys(backend):
+    with pytest.raises(KeyNotFound):
+        backend.stat("nope")
+    with pytest.raises(KeyNotFound):
+        backend.read("nope")  # at the call, before any next()
+    assert backend.delete("nope") is False
+    # A prefix of other keys is not itself an object, nor is a path through an object.
+    backend.write("d/x", [b"x"])
+    for key in ("d", "d/x/y"):
+        with pytest.raises(KeyNotFound):
+            backend.stat(key)
+        with pytest.raises(KeyNotFound):
+            backend.read(key)
+        assert backend.delete(key) is False
+    assert read_all(backend, "d/x") == b"x"
+
+
+def test_delete(backend):
+    backend.write("a/b/c", [b"data"])
+    backend.write("a/keep", [b"data"])
+    assert backend.delete("a/b/c") is True
+    assert backend.delete("a/b/c") is False
+    with pytest.raises(KeyNotFound):
+        backend.stat("a/b/c")
+    assert keys(backend.list()) == ["a/keep"]
+    # The key can be written again where it was.
+    backend.write("a/b/c", [b"again"])
+    assert read_all(backend, "a/b/c") == b"again"
+
+
+LIST_KEYS = ["a-b", "a.txt", "a/b.txt", "a/b/x", "a/bc/d", "a/c", "a0", "ab", "b/z", "z", "ü/1"]
+
+
+def test_list(backend):
+    for i, key in enumerate(reversed(LIST_KEYS)):
+        backend.write(key, [b"x" * i])
+    plant_write_in_progress(backend, "a/pending")
+    plant_write_in_progress(backend, "a/b.tmp")
+    if backend.driver == "s3":  # outside the configured prefix: not this backend's
+        backend.client.put_object(Bucket=backend.config.bucket, Key="a/outside", Body=b"")
+
+    listed = list(backend.list())
+    assert [s.key for s in listed] == sorted(LIST_KEYS)
+    sizes = {key: i for i, key in enumerate(reversed(LIST_KEYS))}
+    assert all(s.size == sizes[s.key] for s in listed)
+    # A prefix is a plain string prefix, as on S3, not a directory.
+    assert keys(backend.list("a/b")) == ["a/b.txt", "a/b/x", "a/bc/d"]
+    assert keys(backend.list("a/b/")) == ["a/b/x"]
+    assert keys(backend.list("a/")) == ["a/b.txt", "a/b/x", "a/bc/d", "a/c"]
+    assert keys(backend.list("a")) == [k for k in sorted(LIST_KEYS) if k.startswith("a")]
+    assert keys(backend.list("a/b.txt")) == ["a/b.txt"]
+    assert keys(backend.list("ü")) == ["ü/1"]
+    assert keys(backend.list("nothing")) == []
+    assert keys(backend.list("nothing/")) == []
+    assert keys(backend.list("a/c/")) == []  # "a/c" is an object, not a directory
+
+
+BAD_KEYS = ["", "../x", "a/../../x", "..", "/abs", "/", "a//b", "a/", "./a", "a/./b", "a\\b", "..\\x", "a\x00b"]
+BAD_PREFIXES = ["..", "../", "../x", "/abs", "/", "a//b", "a//", "./", "a/../b", "a\\b"]
+
+
+@pytest.mark.parametrize("key", BAD_KEYS, ids=repr)
+def test_invalid_keys_refused_by_every_verb(backend, key):
+    consumed = []
+
+    def source():
+        consumed.append(True)
+        yield b"x"
+
+    for verb in (backend.stat, backend.read, backend.delete):
+        with pytest.raises(InvalidKey):
+            verb(key)
+    with pytest.raises(InvalidKey):
+        backend.write(key, source())
+    with pytest.raises(InvalidKey):
+        backend.write(key, source(), size=1)
+    assert consumed == []
+    assert raw_contents(backend) == []
+
+
+@pytest.mark.parametrize("prefix", BAD_PREFIXES, ids=repr)
+def test_invalid_prefixes_refused(backend, prefix):
+    with pytest.raises(InvalidKey):
+        backend.list(prefix)  # at the call, before any next()
+
+
+class SourceBroke(Exception):
+    pass
+
+
+@pytest.mark.parametrize("size", [MiB, 12 * MiB], ids=["single", "multipart"])
+@pytest.mark.parametrize("announce", [True, False], ids=["sized", "unsized"])
+def test_failed_write_leaves_nothing(backend, size, announce):
+    old = b"the old object"
+    backend.write("kept", [old])
+
+    def breaks_midway():
+        data = payload(size)
+        yield from chunked(data[: size * 3 // 4])  # past the first part when multipart
+        raise SourceBroke("upstream read failed")
+
+    for key in ("new", "kept"):
+        # The caller's own error comes through as it is, not as a backend error.
+        with pytest.raises(SourceBroke):
+            backend.write(key, breaks_midway(), size=size if announce else None)
+    with pytest.raises(KeyNotFound):
+        backend.stat("new")
+    assert read_all(backend, "kept") == old  # an overwrite that fails keeps the old object
+    assert raw_contents(backend) == [("ferry/" if backend.driver == "s3" else "") + "kept"]
+
+
+@pytest.mark.parametrize(("announced", "actual"), [(10, 5), (5, 10), (12 * MiB, 11 * MiB), (6 * MiB, 7 * MiB)])
+def test_wrong_announced_size_is_refused(backend, announced, actual):
+    with pytest.raises(BackendError, match="announced"):
+        backend.write("k", chunked(payload(actual)), size=announced)
+    assert raw_contents(backend) == []
+
+
+def test_write_streams_in_bounded_memory(backend):
+    size = 64 * MiB
+
+    def source():
+        for _ in range(size // MiB):
+            yield bytes(MiB)  # a new object each time: keeping them would show
+
+    backend.check()  # builds the S3 client first: its service model alone is ~10 MiB
+    tracemalloc.start()
+    try:
+        written = backend.write("big", source())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert written == size
+    # S3 holds one 5 MiB part (plus the chunk filling it); local disk about one chunk.
+    limit = {"local": 4 * MiB, "s3": 10 * MiB}[backend.driver]
+    assert peak < limit, f"peak {peak / MiB:.1f} MiB while writing 64 MiB"
+    assert backend.stat("big").size == size
+
+
+def test_read_closes_early_and_when_dropped(backend):
+    data = payload(3 * MiB)
+    backend.write("k", [data])
+    chunks = backend.read("k", MiB)
+    assert next(chunks) == data[:MiB]
+    chunks.close()
+    assert list(chunks) == []
+    # Dropped unread: the file or connection is released without a ResourceWarning
+    # (which filterwarnings=error would turn into a failure).
+    unread = backend.read("k")
+    del unread
+    gc.collect()
+    assert read_all(backend, "k") == data
+
+
+def test_check_passes(backend):
+    backend.check()
+
+
+# -- local driver ---------------------------------------------------------------------
+
+
+def test_local_root_is_created(tmp_path):
+    root = tmp_path / "deep" / "root"
+    backend = build("local", root=str(root))
+    assert root.is_dir()
+    backend.check()
+
+
+def test_local_check_refuses_a_file_as_root(tmp_path):
+    root = tmp_path / "file"
+    root.write_bytes(b"")
+    backend = build("local", root=str(root))  # building does not fail: check() reports
+    with pytest.raises(BackendUnavailable, match="not a directory"):
+        backend.check()
+
+
+def test_local_vanished_root_is_not_recreated(tmp_path):
+    root = tmp_path / "mnt"
+    backend = build("local", root=str(root))
+    root.rmdir()  # as when a disk is unmounted
+    with pytest.raises(BackendUnavailable):
+        backend.check()
+    with pytest.raises(BackendUnavailable):
+        backend.write("a/b", [b"x"])
+    assert not root.exists()
+
+
+def test_local_symlinks_out_of_root_are_refused(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"secret")
+    root = tmp_path / "root"
+    backend = build("local", root=str(root))
+    (root / "dir-link").symlink_to(outside)
+    (root / "file-link").symlink_to(outside / "secret")
+    for key in ("dir-link/secret", "file-link", "dir-link/new"):
+        for verb in (backend.stat, backend.read, backend.delete):
+            with pytest.raises(InvalidKey):
+                verb(key)
+        with pytest.raises(InvalidKey):
+            backend.write(key, [b"x"])
+    assert sorted(p.name for p in outside.iterdir()) == ["secret"]
+    assert (outside / "secret").read_bytes() == b"secret"
+    assert keys(backend.list()) == []  # symlinks are not followed
+    assert keys(backend.list("dir-link/")) == []
+
+
+def test_local_symlinks_inside_root_work(tmp_path):
+    root = tmp_path / "root"
+    backend = build("local", root=str(root))
+    backend.write("real/obj", [b"data"])
+    (root / "alias").symlink_to(root / "real")
+    assert read_all(backend, "alias/obj") == b"data"
+
+
+def test_local_temp_names_are_reserved(tmp_path):
+    backend = build("local", root=str(tmp_path))
+    for key in (".ferry-tmp-x", "a/.ferry-tmp-x/b"):
+        with pytest.raises(InvalidKey, match="reserved"):
+            backend.write(key, [b"x"])
+
+
+def test_local_delete_prunes_empty_directories(tmp_path):
+    root = tmp_path / "root"
+    backend = build("local", root=str(root))
+    backend.write("a/b/c/d", [b"x"])
+    backend.write("a/e", [b"x"])
+    backend.delete("a/b/c/d")
+    assert sorted(p.name for p in root.iterdir()) == ["a"]
+    assert sorted(p.name for p in (root / "a").iterdir()) == ["e"]
+    backend.delete("a/e")
+    assert list(root.iterdir()) == []
+    assert root.is_dir()
+
+
+def test_local_key_cannot_be_object_and_directory(tmp_path):
+    # Unlike S3, a file system cannot hold both "a" and "a/b": the second write fails
+    # cleanly and the first object is untouched.
+    backend = build("local", root=str(tmp_path))
+    backend.write("a", [b"file"])
+    with pytest.raises(BackendError):
+        backend.write("a/b", [b"x"])
+    backend.write("d/x", [b"x"])
+    with pytest.raises(BackendError):
+        backend.write("d", [b"x"])
+    assert keys(backend.list()) == ["a", "d/x"]
+    assert read_all(backend, "a") == b"file"
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["x"]  # no temp file left
+
+
+def test_local_fsync(tmp_path):
+    backend = build("local", root=str(tmp_path), fsync=True)
+    assert backend.write("a/b", [b"durable"]) == 7
+    assert read_all(backend, "a/b") == b"durable"
+
+
+def test_local_too_long_name_is_an_invalid_key(tmp_path):
+    backend = build("local", root=str(tmp_path))
+    with pytest.raises(InvalidKey):
+        backend.write("x" * 300, [b"x"])
+
+
+# -- S3 driver ------------------------------------------------------------------------
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once the socket is closed
+
+
+@pytest.fixture
+def dummy_credentials(monkeypatch) -> dict:
+    monkeypatch.setenv("FERRY_TEST_KEY_ID", "key-id")
+    monkeypatch.setenv("FERRY_TEST_SECRET", "hunter2")
+    return {"access_key_id": {"env": "FERRY_TEST_KEY_ID"}, "secret_access_key": {"env": "FERRY_TEST_SECRET"}}
+
+
+def test_s3_unreachable_endpoint_is_unavailable(dummy_credentials):
+    backend = build("s3", bucket="b", endpoint_url=f"http://127.0.0.1:{closed_port()}",
+                    connect_timeout=0.5, read_timeout=0.5, max_attempts=1, **dummy_credentials)
+    started = time.monotonic()
+    with pytest.raises(BackendUnavailable):
+        backend.check()
+    with pytest.raises(BackendUnavailable):
+        backend.stat("k")
+    with pytest.raises(BackendUnavailable):
+        backend.write("k", [b"x"])
+    assert time.monotonic() - started < 10
+
+
+def test_s3_missing_bucket_is_unavailable(s3_server):
+    backend = build("s3", **s3_settings(s3_server, "ferry-no-such-bucket"))
+    with pytest.raises(BackendUnavailable, match="does not exist"):
+        backend.check()
+    with pytest.raises(BackendUnavailable, match="NoSuchBucket"):
+        backend.write("k", [b"x"])
+
+
+def test_s3_create_bucket(s3_server):
+    from tests.fixtures.s3peer import s3_client
+
+    name = f"ferry-created-{os.getpid()}-{time.monotonic_ns()}"
+    backend = build("s3", **s3_settings(s3_server, name, create_bucket=True))
+    backend.check()
+    backend.write("k", [b"x"])
+    assert read_all(backend, "k") == b"x"
+    client = s3_client(s3_server)
+    client.delete_object(Bucket=name, Key=S3_PREFIX + "k")
+    client.delete_bucket(Bucket=name)
+
+
+def test_s3_error_mapping():
+    from botocore.exceptions import ClientError
+
+    backend = build("s3", bucket="b")
+
+    def error(code: str, status: int):
+        return backend._error(
+            ClientError({"Error": {"Code": code, "Message": "msg"}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                        "PutObject"),
+            "write 'k'",
+        )
+
+    assert type(error("NoSuchKey", 404)) is KeyNotFound
+    assert type(error("404", 404)) is KeyNotFound
+    denied = error("AccessDenied", 403)
+    assert type(denied) is BackendError and "AccessDenied" in denied.message
+    assert type(error("SlowDown", 503)) is BackendUnavailable
+    assert type(error("InternalError", 500)) is BackendUnavailable
+    assert type(error("NoSuchBucket", 404)) is BackendUnavailable
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"bucket": "b", "part_size": MiB},  # below S3's 5 MiB
+        {"bucket": "b", "prefix": "/abs"},
+        {"bucket": "b", "prefix": "a/../b"},
+        {"bucket": "b", "access_key_id": {"env": "FERRY_TEST_KEY_ID"}},  # without its secret
+        {"bucket": "b", "unknown": 1},
+        {"endpoint_url": "http://x"},  # no bucket
+    ],
+)
+def test_s3_settings_are_validated(settings, dummy_credentials):
+    with pytest.raises(ConfigError):
+        build("s3", **settings)
+
+
+def test_s3_prefix_is_normalized():
+    assert build("s3", bucket="b", prefix="a/b").config.prefix == "a/b/"
+    assert build("s3", bucket="b", prefix="a/b/").config.prefix == "a/b/"
+    assert build("s3", bucket="b").config.prefix == ""
+
+
+def test_s3_secret_is_not_shown(dummy_credentials):
+    backend = build("s3", bucket="b", **dummy_credentials)
+    assert backend.config.secret_access_key.get_secret_value() == "hunter2"
+    assert "hunter2" not in repr(backend.config)
