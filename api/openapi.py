@@ -110,7 +110,8 @@ def spec(error_model: type[BaseModel]) -> dict[str, Any]:
         params = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
                   for p in op.path_params]
         if op.query is not None:
-            qschema = op.query.model_json_schema()
+            qschema = op.query.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(qschema.pop("$defs", {}))
             for name, prop in qschema.get("properties", {}).items():
                 params.append({"name": name, "in": "query", "required": name in qschema.get("required", []),
                                "schema": prop})
@@ -120,7 +121,8 @@ def spec(error_model: type[BaseModel]) -> dict[str, Any]:
             entry["requestBody"] = {"required": True,
                                     "content": {"application/json": {"schema": _schema(op.body, components)}}}
         for status, model in op.responses.items():
-            content = {"application/json": {"schema": _schema(model, components)}} if model else None
+            schema = _schema(model, components) if model else error_ref if status >= 400 else None
+            content = {"application/json": {"schema": schema}} if schema else None
             entry["responses"][str(status)] = {"description": _REASONS.get(status, "response"),
                                                **({"content": content} if content else {})}
         errors = ([400, 413, 422] if op.body else []) + ([422] if op.query else [])

@@ -44,6 +44,7 @@ def broker_options(settings: Settings) -> dict:
 
 def make_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
+    settings.data_path.mkdir(parents=True, exist_ok=True)  # beat keeps its schedule here
     backends = settings.backends()
     app = Celery("ferry", include=["tasks.jobs", "tasks.transfer", "tasks.reconcile"])
     app.conf.update(

@@ -67,6 +67,15 @@ def pytest_configure(config: pytest.Config) -> None:
     upgrade()
 
 
+def _sync_backends() -> None:
+    from ferry.catalog.db import transaction
+    from ferry.catalog.replicas import sync_backends
+    from ferry.settings import get_settings
+
+    with transaction() as session:
+        sync_backends(session, get_settings().backends())
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     if not _state:
         return
@@ -112,4 +121,5 @@ def disks(test_env) -> Path:
 def s3_backend(s3_server, disks, test_env) -> str:
     """Adds an `s3` backend (a bucket on the moto peer) to the session's backends file."""
     write_backends(Path(os.environ["FERRY_BACKENDS_FILE"]), disks, s3_server, "ferry-e2e")
+    _sync_backends()
     return "s3"

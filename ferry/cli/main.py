@@ -180,7 +180,9 @@ def exit_code(job: dict) -> int:
 
 def summary(c: Client, job: dict) -> None:
     counts = job["items"]
-    table = Table(title=f"{job['kind']} job {job['id']}: {job['state']}", show_header=False)
+    colour = "green" if job["state"] == "succeeded" else "red"
+    out.print(f"{job['kind']} job {job['id']}: [bold {colour}]{job['state']}[/]", highlight=False)
+    table = Table(show_header=False)
     for key in ("total", "done", "skipped", "failed", "cancelled"):
         table.add_row(key, str(counts[key]))
     table.add_row("bytes", _human(job["bytes"]["done"]))
