@@ -40,8 +40,8 @@ def make_corpus(root: Path, n: int, seed: int = 7) -> dict[str, str]:
     return digests
 
 
-def s3_sha256(endpoint: str, bucket: str, key: str) -> str:
-    body = s3_client(endpoint).get_object(Bucket=bucket, Key=key)["Body"]
+def s3_sha256(client, bucket: str, key: str) -> str:
+    body = client.get_object(Bucket=bucket, Key=key)["Body"]
     h = hashlib.sha256()
     for chunk in body.iter_chunks(2**20):
         h.update(chunk)
@@ -70,7 +70,7 @@ def test_migrate_local_to_s3_then_replicate_back(api, disks, s3_server):
               for o in page.get("Contents", [])]
     assert sorted(listed) == sorted("moved/" + k.removeprefix("e2e/") for k in corpus)
     for key, sha in corpus.items():
-        assert s3_sha256(s3_server, "ferry-e2e", "moved/" + key.removeprefix("e2e/")) == sha, key
+        assert s3_sha256(client, "ferry-e2e", "moved/" + key.removeprefix("e2e/")) == sha, key
 
     # The catalog agrees: one object per content, S3 replicas present and verified, sources gone.
     with transaction() as s:
