@@ -119,6 +119,16 @@ def generate(src: Path, n_small: int, n_large: int, large_mib: int, seed: int) -
             "large_bytes": n_large * large_mib * MiB}
 
 
+def create_cost_us(directory: Path, n: int = 500) -> float:
+    """Microseconds to create one empty file in `directory` (files kept: see check_local)."""
+    directory.mkdir(parents=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    t0 = time.perf_counter()
+    for i in range(n):
+        os.close(os.open(directory / f"probe-{i:04d}", flags, 0o600))
+    return (time.perf_counter() - t0) / n * 1e6
+
+
 def tree_stats(root: Path) -> tuple[int, int]:
     """(files, bytes) under a local directory."""
     n = total = 0
@@ -505,11 +515,20 @@ class Bench:
 
     # -- destinations ---------------------------------------------------------------
 
-    def check_local(self, what: str, d: Path, n: int, nbytes: int) -> None:
+    def check_local(self, what: str, d: Path, n: int, nbytes: int, *, delete: bool) -> None:
+        """Check a local destination; delete it now, or leave it for the end.
+
+        Trees of many small files are kept until the end of the bench: on ext4 without a
+        journal (as here), creating a file skips the inodes deleted in the last 60-300 s
+        (ext4 find_inode_bit -> recently_deleted), and after 10 000 deletions every create
+        costs about 1 ms of kernel CPU: deleting between runs would slow down whichever tool
+        runs next. The few large files are deleted at once (disk space).
+        """
         got = tree_stats(d)
         if got != (n, nbytes):
             raise BenchError(f"{what}: {d} holds {got[0]} files / {got[1]} bytes, expected {n} / {nbytes}")
-        shutil.rmtree(d)
+        if delete:
+            shutil.rmtree(d)
 
     def check_s3(self, what: str, prefix: str, n: int, nbytes: int) -> None:
         keys, total = [], 0
@@ -540,13 +559,13 @@ class Bench:
         def ferry_small_local():
             p = f"ferry-small-{tag}"
             t = self.ferry("small_local", "small/", "dst", p + "/", ns, bs)
-            self.check_local("ferry small", self.dst / p, ns, bs)
+            self.check_local("ferry small", self.dst / p, ns, bs, delete=False)
             self.record("small_objects_per_s", t, ns, "obj/s")
 
         def rclone_small_local():
             p = self.dst / f"rclone-small-{tag}"
             t = self.rclone(self.src / "small", str(p))
-            self.check_local("rclone small", p, ns, bs)
+            self.check_local("rclone small", p, ns, bs, delete=False)
             self.record("rclone_small_objects_per_s", t, ns, "obj/s")
 
         def ferry_small_s3():
@@ -564,19 +583,19 @@ class Bench:
         def ferry_large_local():
             p = f"ferry-large-{tag}"
             t = self.ferry("large_local", "large/", "dst", p + "/", nl, bl)
-            self.check_local("ferry large", self.dst / p, nl, bl)
+            self.check_local("ferry large", self.dst / p, nl, bl, delete=True)
             self.record("large_mb_per_s", t, bl / MiB, "MiB/s")
 
         def cp_large_local():
             p = self.dst / f"cp-large-{tag}"
             t = self.run_tool(["cp", "-r", str(self.src / "large"), str(p)])
-            self.check_local("cp large", p, nl, bl)
+            self.check_local("cp large", p, nl, bl, delete=True)
             self.record("cp_large_mb_per_s", t, bl / MiB, "MiB/s")
 
         def rclone_large_local():
             p = self.dst / f"rclone-large-{tag}"
             t = self.rclone(self.src / "large", str(p))
-            self.check_local("rclone large", p, nl, bl)
+            self.check_local("rclone large", p, nl, bl, delete=True)
             self.record("rclone_large_mb_per_s", t, bl / MiB, "MiB/s")
 
         def ferry_large_s3():
@@ -631,13 +650,15 @@ class Bench:
         sizes = sum(os.stat(p).st_size for p in (self.src / "small" / "000").iterdir())
         for target in ("dst", "s3"):
             self.ferry("warmup", "small/000/", target, "warmup/", n, sizes)
-        shutil.rmtree(self.dst / "warmup", ignore_errors=True)
+        # The local warm-up copy stays until the end: see check_local on deleting files.
         self.check_s3("warm-up", "warmup/", n, sizes)
 
     def run(self) -> dict[str, Any]:
         t_start = time.monotonic()
         self.load_start = os.getloadavg()
         self.setup()
+        self.fs_create_us = [round(create_cost_us(self.work / "probe-start"), 1)]
+        say(f"creating a file costs {self.fs_create_us[0]:.0f} us here")
         self.warm_up()
         for run in range(1, self.args.runs + 1):
             say(f"run {run}/{self.args.runs}")
@@ -645,6 +666,7 @@ class Bench:
         say("submit: POST /v1/jobs with many keys")
         for run in range(1, self.args.runs + 1):
             self.submit_100k(run)
+        self.fs_create_us.append(round(create_cost_us(self.work / "probe-end"), 1))
         return self.report(time.monotonic() - t_start)
 
     def report(self, wall: float) -> dict[str, Any]:
@@ -694,6 +716,8 @@ class Bench:
             "git_commit": git_commit(),
             "mb_unit": "MiB",
             "raw": {k: [round(x, 3) for x in v] for k, v in self.results.items()},
+            # File creation cost on the work dir's file system, at start and end (see check_local).
+            "fs_create_us": self.fs_create_us,
             # Other work on the machine skews every figure: the load averages show it.
             "loadavg_start": [round(x, 2) for x in self.load_start],
             "loadavg_end": [round(x, 2) for x in os.getloadavg()],

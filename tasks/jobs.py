@@ -125,7 +125,10 @@ def expand(self, job_id: str) -> dict:
             return {"items": 0}
         request = request_from_spec(job.kind, job.spec)
     try:
-        source = registry.get(settings.backends()[request.source_backend])
+        spec = settings.backends().get(request.source_backend)
+        if spec is None:
+            raise UnknownBackend(f"backend {request.source_backend!r} is no longer configured")
+        source = registry.get(spec)
         seq = 0
         page = []
         for stat in source.list(request.prefix or ""):
@@ -135,11 +138,13 @@ def expand(self, job_id: str) -> dict:
                 page = []
         seq = _add_page(jid, request, seq, page)
     except BackendUnavailable as exc:
-        log.warning("listing %s for job %s: %s; retrying", request.source_backend, job_id, exc)
-        raise self.retry(countdown=backoff(self.request.retries), max_retries=settings.max_attempts) from exc
-    except (FerryError, KeyError) as exc:
-        with transaction() as session:
-            catalog.fail_job(session, catalog.get_job(session, jid, lock=True), f"listing the source failed: {exc}")
+        if self.request.retries < settings.max_attempts:
+            log.warning("listing %s for job %s: %s; retrying", request.source_backend, job_id, exc)
+            raise self.retry(countdown=backoff(self.request.retries)) from exc
+        _fail(jid, f"listing the source failed after {settings.max_attempts + 1} attempts: {exc.message}")
+        return {"items": 0}
+    except FerryError as exc:
+        _fail(jid, f"listing the source failed: {exc.message}")
         return {"items": 0}
     with transaction() as session:
         job = catalog.get_job(session, jid, lock=True)
@@ -152,6 +157,13 @@ def expand(self, job_id: str) -> dict:
                 session.flush()
                 catalog.finish_if_complete(session, jid)
     return {"items": seq}
+
+
+def _fail(jid: uuid.UUID, reason: str) -> None:
+    with transaction() as session:
+        job = catalog.get_job(session, jid, lock=True)
+        if job.state == JobState.pending:
+            catalog.fail_job(session, job, reason)
 
 
 def _add_page(jid: uuid.UUID, request: JobRequest, seq: int, page: list) -> int:

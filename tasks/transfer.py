@@ -21,7 +21,7 @@ from ferry.catalog import jobs as catalog
 from ferry.catalog.db import transaction
 from ferry.catalog.models import ItemState, Job, JobKind, ReplicaState
 from ferry.catalog.replicas import ReplicaFact, record, replicas_at
-from ferry.errors import BackendUnavailable, FerryError, KeyNotFound
+from ferry.errors import BackendUnavailable, FerryError, KeyNotFound, UnknownBackend
 from ferry.settings import get_settings
 from tasks.app import app, backoff
 from workers import registry, transfer
@@ -125,7 +125,10 @@ class _BatchRun:
             catalog.finish_if_complete(session, self.plan.job_id)
 
     def _backend(self, name: str) -> Backend:
-        return registry.get(self.settings.backends()[name])
+        spec = self.settings.backends().get(name)
+        if spec is None:
+            raise UnknownBackend(f"backend {name!r} is not configured on this worker")
+        return registry.get(spec)
 
     def _process(self, item: Item) -> None:
         plan = self.plan

@@ -101,6 +101,14 @@ def write_backends(path: Path, disks: Path, s3_endpoint: str | None = None, buck
                          "secret_access_key": {"env": "AWS_SECRET_ACCESS_KEY"},
                          "multipart_threshold": 8 * 2**20, "part_size": 5 * 2**20},
         })
+        # An S3 backend whose service is down: nothing listens on port 9.
+        backends.append({
+            "name": "s3-down", "driver": "s3",
+            "settings": {"bucket": "nowhere", "endpoint_url": "http://127.0.0.1:9",
+                         "access_key_id": {"env": "AWS_ACCESS_KEY_ID"},
+                         "secret_access_key": {"env": "AWS_SECRET_ACCESS_KEY"},
+                         "connect_timeout": 0.5, "read_timeout": 1, "max_attempts": 1},
+        })
     tmp_path = path.with_suffix(".tmp")
     tmp_path.write_text(yaml.safe_dump({"backends": backends}))
     tmp_path.replace(path)

@@ -149,3 +149,17 @@ def test_empty_prefix_fails_the_job_with_a_reason(api):
     job = wait_job(api, r.json()["id"])
     assert job["state"] == "failed"
     assert "matched no objects" in job["error"]
+
+
+def test_unreachable_backend_fails_items_with_the_reason_after_retries(api, disks):
+    """No fallback, no pretend success: the item is retried with backoff, then fails saying why."""
+    (disks / "local" / "down").mkdir(parents=True, exist_ok=True)
+    (disks / "local" / "down" / "a.txt").write_text("a")
+    r = api.post("/v1/jobs", json={"kind": "migrate", "source": {"backend": "local", "keys": ["down/a.txt"]},
+                                    "targets": [{"backend": "s3-down"}]})
+    job = wait_job(api, r.json()["id"], timeout=120)
+    assert job["state"] == "failed"
+    [item] = api.get(f"/v1/jobs/{job['id']}/items").json()["items"]
+    assert item["attempts"] == 3
+    assert item["error"].startswith("gave up after 3 attempts") and "127.0.0.1:9" in item["error"]
+    assert (disks / "local" / "down" / "a.txt").read_text() == "a"  # the source is untouched
