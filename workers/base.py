@@ -13,13 +13,13 @@ Errors each verb may raise (all from ferry.errors):
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from ferry.errors import InvalidKey
+from ferry.errors import FerryError, InvalidKey
 
 CHUNK_SIZE = 1024 * 1024
 MAX_KEY_LENGTH = 1024
@@ -120,3 +120,46 @@ class Backend(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
+
+
+class ChunkReader(Iterator[bytes]):
+    """The chunks of an open binary stream (a file, an HTTP body). It closes the stream
+    when exhausted, closed, or dropped unread: a plain generator would leak it if never
+    started. Read errors of the types in `errors` become FerryErrors via `translate`."""
+
+    def __init__(self, stream: Any, chunk_size: int, translate: Callable[[Exception], FerryError],
+                 errors: tuple[type[Exception], ...] = (OSError,)):
+        self._stream = stream
+        self._chunk_size = chunk_size
+        self._translate = translate
+        self._errors = errors
+
+    def __iter__(self) -> ChunkReader:
+        return self
+
+    def __next__(self) -> bytes:
+        if self._stream is None:
+            raise StopIteration
+        try:
+            chunk = self._stream.read(self._chunk_size)
+        except self._errors as exc:
+            self.close()
+            raise self._translate(exc) from exc
+        if not chunk:
+            self.close()
+            raise StopIteration
+        return chunk
+
+    def close(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close()
+
+    def __enter__(self) -> ChunkReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from ferry.errors import BackendError, BackendUnavailable, FerryError, InvalidKey, KeyNotFound
-from workers.base import CHUNK_SIZE, Backend, DriverConfig, ObjectStat, check_key, check_prefix
+from workers.base import CHUNK_SIZE, Backend, ChunkReader, DriverConfig, ObjectStat, check_key, check_prefix
 
 TMP_PREFIX = ".ferry-tmp-"
 
@@ -100,7 +100,7 @@ class LocalBackend(Backend):
         try:
             # Unbuffered: read(n) of a regular file returns n bytes until the end, and
             # each chunk is its own bytes object with no second copy through a buffer.
-            f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by _FileChunks
+            f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by ChunkReader
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise KeyNotFound(f"key {key!r} not found on backend {self.name!r}") from None
         except OSError as exc:
@@ -113,7 +113,7 @@ class LocalBackend(Backend):
         if not regular:
             f.close()
             raise KeyNotFound(f"key {key!r} not found on backend {self.name!r}")
-        return _FileChunks(f, chunk_size, lambda exc: self._os_error(exc, key, "read"))
+        return ChunkReader(f, chunk_size, lambda exc: self._os_error(exc, key, "read"))
 
     def write(self, key: str, chunks: Iterable[bytes], size: int | None = None) -> int:
         path = self._path(key)
@@ -260,43 +260,3 @@ class LocalBackend(Backend):
             os.unlink(tmp)
         except OSError as exc:
             raise BackendUnavailable(f"backend {self.name!r}: root {self.root} is not writable: {exc}") from exc
-
-
-class _FileChunks(Iterator[bytes]):
-    """The chunks of an open file; closes it when exhausted, closed, or dropped unread
-    (a plain generator would leak the file if never started)."""
-
-    def __init__(self, f, chunk_size: int, translate):
-        self._f = f
-        self._chunk_size = chunk_size
-        self._translate = translate
-
-    def __iter__(self) -> _FileChunks:
-        return self
-
-    def __next__(self) -> bytes:
-        if self._f is None:
-            raise StopIteration
-        try:
-            chunk = self._f.read(self._chunk_size)
-        except OSError as exc:
-            self.close()
-            raise self._translate(exc) from exc
-        if not chunk:
-            self.close()
-            raise StopIteration
-        return chunk
-
-    def close(self) -> None:
-        f, self._f = self._f, None
-        if f is not None:
-            f.close()
-
-    def __enter__(self) -> _FileChunks:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        self.close()

@@ -38,7 +38,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from ferry.errors import BackendError, BackendUnavailable, FerryError, InvalidKey, KeyNotFound
-from workers.base import CHUNK_SIZE, Backend, DriverConfig, ObjectStat, check_key, check_prefix
+from workers.base import CHUNK_SIZE, Backend, ChunkReader, DriverConfig, ObjectStat, check_key, check_prefix
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,8 @@ class S3Backend(Backend):
     def read(self, key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
         obj = self._key(key)
         response = self._call(f"key {key!r}", self._s3().get_object, Key=obj)
-        return _BodyChunks(response["Body"], chunk_size, lambda exc: self._error(exc, f"read {key!r}"))
+        return ChunkReader(response["Body"], chunk_size, lambda exc: self._error(exc, f"read {key!r}"),
+                           errors=(BotoCoreError, OSError))
 
     def write(self, key: str, chunks: Iterable[bytes], size: int | None = None) -> int:
         obj = self._key(key)
@@ -347,43 +348,3 @@ def _stat(key: str, size: int, modified: Any, etag: str | None) -> ObjectStat:
         mtime=modified.timestamp() if modified is not None else None,
         etag=etag.strip('"') if etag else None,
     )
-
-
-class _BodyChunks(Iterator[bytes]):
-    """The chunks of a GetObject body; closes it (freeing the connection) when
-    exhausted, closed, or dropped unread."""
-
-    def __init__(self, body: Any, chunk_size: int, translate: Callable[[Exception], FerryError]):
-        self._body = body
-        self._chunk_size = chunk_size
-        self._translate = translate
-
-    def __iter__(self) -> _BodyChunks:
-        return self
-
-    def __next__(self) -> bytes:
-        if self._body is None:
-            raise StopIteration
-        try:
-            chunk = self._body.read(self._chunk_size)
-        except (BotoCoreError, OSError) as exc:
-            self.close()
-            raise self._translate(exc) from exc
-        if not chunk:
-            self.close()
-            raise StopIteration
-        return chunk
-
-    def close(self) -> None:
-        body, self._body = self._body, None
-        if body is not None:
-            body.close()
-
-    def __enter__(self) -> _BodyChunks:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        self.close()

@@ -6,7 +6,6 @@ Exit codes: 0 success; 1 the job ended with failed items (or failed, or was canc
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
