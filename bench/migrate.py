@@ -615,6 +615,8 @@ class Bench:
         for group in groups:
             if nl == 0 and group[0].__name__.startswith("ferry_large"):
                 continue
+            if self.args.no_s3 and group[0].__name__.endswith("_s3"):
+                continue
             # Alternate who goes first from run to run, so warm-cache effects cancel out.
             k = (run - 1) % len(group)
             for fn in group[k:] + group[:k]:
@@ -648,10 +650,11 @@ class Bench:
         say("warm-up")
         n = min(100, self.data["small_files"])
         sizes = sum(os.stat(p).st_size for p in (self.src / "small" / "000").iterdir())
-        for target in ("dst", "s3"):
+        for target in ("dst",) if self.args.no_s3 else ("dst", "s3"):
             self.ferry("warmup", "small/000/", target, "warmup/", n, sizes)
         # The local warm-up copy stays until the end: see check_local on deleting files.
-        self.check_s3("warm-up", "warmup/", n, sizes)
+        if not self.args.no_s3:
+            self.check_s3("warm-up", "warmup/", n, sizes)
 
     def run(self) -> dict[str, Any]:
         t_start = time.monotonic()
@@ -784,6 +787,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--large-mib", type=int, default=256, help="size of each large file, MiB")
     p.add_argument("--runs", type=int, default=3, help="repetitions of each measurement (medians reported)")
     p.add_argument("--submit-keys", type=int, default=100_000, help="keys in the submit measurement")
+    p.add_argument("--no-s3", action="store_true", help="skip the local -> S3 measurements (quick checks)")
     p.add_argument("--concurrency", type=int, default=2, help="celery worker pool size")
     p.add_argument("--batch-items", type=int, default=None, help="FERRY_BATCH_ITEMS for the cluster")
     p.add_argument("--workdir", default=None, help="where to create the temp dir (default: the system tmp)")
