@@ -78,9 +78,9 @@ class Settings(BaseSettings):
     api_key: str | None = None
 
     # Work is sent to workers in batches of at most this many items ...
-    batch_items: int = Field(default=100, ge=1, le=10_000)
-    # ... and, where sizes are known, of at most this many bytes.
-    batch_bytes: int = Field(default=512 * 2**20, ge=1)
+    batch_items: int = Field(default=1000, ge=1, le=10_000)
+    # ... and of at most this many bytes (an item of unknown size counts as 1 MiB).
+    batch_bytes: int = Field(default=64 * 2**20, ge=1)
     # A claimed item is the worker's for this long; the claim is renewed while it works.
     lease_seconds: int = Field(default=300, ge=1)
     # Queued items whose message may have been lost are sent again after this long.

@@ -96,6 +96,7 @@ class _BatchRun:
         self.plan = plan
         self.max_attempts = max_attempts
         self.settings = get_settings()
+        self.backends: dict[str, Backend] = {}
         self.facts: list[ReplicaFact] = []
         self.outcomes: list[dict[str, Any]] = []
         self.to_delete: list[tuple[Item, Digest, ItemState]] = []
@@ -125,10 +126,13 @@ class _BatchRun:
             catalog.finish_if_complete(session, self.plan.job_id)
 
     def _backend(self, name: str) -> Backend:
-        spec = self.settings.backends().get(name)
-        if spec is None:
-            raise UnknownBackend(f"backend {name!r} is not configured on this worker")
-        return registry.get(spec)
+        backend = self.backends.get(name)
+        if backend is None:
+            spec = self.settings.backends().get(name)
+            if spec is None:
+                raise UnknownBackend(f"backend {name!r} is not configured on this worker")
+            backend = self.backends[name] = registry.get(spec)
+        return backend
 
     def _process(self, item: Item) -> None:
         plan = self.plan

@@ -35,7 +35,10 @@ def engine_for(url: str) -> Engine:
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")
-    return create_engine(parsed, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    # No server-side prepared statements: Postgres would reuse a generic plan made while
+    # the tables were small (a sequential scan with a long OR filter) long after they grow.
+    return create_engine(parsed, pool_pre_ping=True, pool_size=5, max_overflow=10,
+                         connect_args={"prepare_threshold": None})
 
 
 def _sqlite_on_connect(dbapi_conn, _record) -> None:

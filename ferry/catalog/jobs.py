@@ -69,23 +69,31 @@ def add_items(session: Session, job_id: uuid.UUID, first_seq: int, items: Sequen
     now = utcnow()
     rows = [
         {"job_id": job_id, "seq": first_seq + i, "source_key": it.source_key,
-         "dest_backend": it.dest_backend, "dest_key": it.dest_key, "state": ItemState.queued,
+         "dest_backend": it.dest_backend, "dest_key": it.dest_key, "state": ItemState.queued.value,
          "attempts": 0, "size": it.size, "enqueued_at": now, "updated_at": now}
         for i, it in enumerate(items)
     ]
-    stmt = dialect_insert(session, JobItem).on_conflict_do_nothing(index_elements=["job_id", "seq"])
+    # A Core insert of plain rows (executemany with insertmanyvalues): no ORM bookkeeping
+    # for what may be 100 000 items.
+    stmt = dialect_insert(session, JobItem.__table__).on_conflict_do_nothing(index_elements=["job_id", "seq"])
     session.execute(stmt, rows)
     return plan_batches(job_id, first_seq, items, batch_items=batch_items, batch_bytes=batch_bytes)
 
 
+# An item whose size is not known yet (a key-list job) counts as this many bytes, so a
+# batch of them stays small enough to spread over workers.
+UNKNOWN_SIZE = 2**20
+
+
 def plan_batches(job_id: uuid.UUID, first_seq: int, items: Sequence[NewItem], *,
                  batch_items: int, batch_bytes: int) -> list[Batch]:
-    """Cut consecutive items into batches bound for one backend, bounded in count and bytes."""
+    """Cut consecutive items into batches bound for one backend, bounded in count and bytes:
+    many small objects share a message, a large one gets its own."""
     batches: list[Batch] = []
     start = 0
     nbytes = 0
     for i, it in enumerate(items):
-        size = it.size or 0
+        size = UNKNOWN_SIZE if it.size is None else it.size
         if i > start and (
             it.dest_backend != items[start].dest_backend
             or i - start >= batch_items

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from ferry.catalog.db import dialect_insert
@@ -81,17 +81,19 @@ def record(session: Session, facts: Sequence[ReplicaFact]) -> dict[str, int]:
 
 def replicas_at(session: Session, locations: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Replica]:
     """Known replicas at (backend, key) locations, with their objects."""
-    locs = list(set(locations))
-    if not locs:
-        return {}
+    by_backend: dict[str, set[str]] = {}
+    for backend, key in locations:
+        by_backend.setdefault(backend, set()).add(key)
     found: dict[tuple[str, str], Replica] = {}
-    for i in range(0, len(locs), 500):
-        chunk = locs[i:i + 500]
-        for r in session.scalars(
-            select(Replica).options(selectinload(Replica.object))
-            .where(tuple_(Replica.backend, Replica.key).in_(chunk))
-        ):
-            found[(r.backend, r.key)] = r
+    for backend, keys in by_backend.items():
+        ordered = sorted(keys)
+        for i in range(0, len(ordered), 1000):
+            # backend = ? AND key IN (...): an index range per key on (backend, key).
+            for r in session.scalars(
+                select(Replica).options(selectinload(Replica.object))
+                .where(Replica.backend == backend, Replica.key.in_(ordered[i:i + 1000]))
+            ):
+                found[(r.backend, r.key)] = r
     return found
 
 

@@ -32,8 +32,17 @@ def test_plan_batches_cuts_by_count_bytes_and_destination():
         ("a", [(10, 12)]), ("a", [(12, 14)]), ("a", [(14, 15)]),
         ("b", [(15, 17)]), ("b", [(17, 19)])]
     sizes_unknown = [catalog.NewItem(f"k{i}", "a", f"k{i}") for i in range(7)]
-    assert [b.spans for b in catalog.plan_batches(jid, 0, sizes_unknown, batch_items=3, batch_bytes=1)] == [
+    assert [b.spans for b in catalog.plan_batches(jid, 0, sizes_unknown, batch_items=3, batch_bytes=2**30)] == [
         [(0, 3)], [(3, 6)], [(6, 7)]]
+    # An unknown size counts as catalog.UNKNOWN_SIZE: two of them fill a 2 MiB batch.
+    assert [b.spans for b in catalog.plan_batches(jid, 0, sizes_unknown, batch_items=100,
+                                                  batch_bytes=2 * catalog.UNKNOWN_SIZE)] == [
+        [(0, 2)], [(2, 4)], [(4, 6)], [(6, 7)]]
+    # An object larger than a batch still travels, alone.
+    big = [catalog.NewItem("s", "a", "s", size=1), catalog.NewItem("b", "a", "b", size=10**12),
+           catalog.NewItem("t", "a", "t", size=1)]
+    assert [b.spans for b in catalog.plan_batches(jid, 0, big, batch_items=100, batch_bytes=100)] == [
+        [(0, 1)], [(1, 2)], [(2, 3)]]
 
 
 def test_spans_of():
