@@ -97,7 +97,7 @@ def submit(request: JobRequest) -> Job:
             items = [catalog.NewItem(key, t.backend, request.dest_key(t, key))
                      for t in request.targets for key in request.keys]
             batches = catalog.add_items(session, job.id, 0, items, batch_items=settings.batch_items,
-                                        batch_bytes=settings.batch_bytes)
+                                        batch_bytes=settings.batch_bytes, fresh=True)
             catalog.mark_expanded(session, job, len(items))
             after_commit(session, lambda: send_batches(batches))
         else:
