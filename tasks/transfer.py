@@ -82,7 +82,7 @@ def _claim(job_id: uuid.UUID, spans: list[catalog.Span], lease_seconds: int) -> 
         locations = [(job.source_backend, i.source_key) for i in items]
         locations += [(i.dest_backend, i.dest_key) for i in items]
         known = {
-            loc: Digest(r.object.size, r.object.sha256, r.object.cid)
+            loc: Digest(r.size, r.sha256, r.cid)
             for loc, r in replicas_at(session, locations).items()
             if r.state == ReplicaState.present
         }

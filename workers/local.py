@@ -58,6 +58,7 @@ class LocalBackend(Backend):
         # Resolved once, so the containment test below compares real paths to a real path.
         self.root = os.path.realpath(root)
         self._root_slash = self.root.rstrip(os.sep) + os.sep
+        self._dirs: dict[str, bool] = {}
 
     # -- keys and paths -------------------------------------------------------------
 
@@ -68,10 +69,27 @@ class LocalBackend(Backend):
         if any(segment.startswith(TMP_PREFIX) for segment in segments):
             raise InvalidKey(f"key {key!r}: names starting with {TMP_PREFIX!r} are reserved", field="key")
         path = os.path.join(self.root, *segments)
-        real = os.path.realpath(path)
-        if real != path and not real.startswith(self._root_slash):
+        parent = os.path.dirname(path)
+        # Symlinks must not lead out of root. Resolving every component of every path
+        # costs ~7 lstat calls; directories are resolved once (cached), the file itself
+        # each time.
+        inside = self._inside(parent) if parent != self.root else True
+        if inside and os.path.islink(path):
+            inside = os.path.realpath(path).startswith(self._root_slash)
+        if not inside:
             raise InvalidKey(f"key {key!r} leads outside the root of backend {self.name!r}", field="key")
         return path
+
+    def _inside(self, directory: str) -> bool:
+        known = self._dirs.get(directory)
+        if known is None:
+            real = os.path.realpath(directory)
+            known = real == self.root or real.startswith(self._root_slash)
+            if os.path.isdir(real):  # cache only what exists: a missing dir may appear as a link
+                if len(self._dirs) > 65536:
+                    self._dirs.clear()
+                self._dirs[directory] = known
+        return known
 
     def _os_error(self, exc: OSError, key: str, doing: str) -> FerryError:
         if exc.errno == errno.ENAMETOOLONG:

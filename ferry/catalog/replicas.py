@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import Row, select, text
 from sqlalchemy.orm import Session, selectinload
 
 from ferry.catalog.db import dialect_insert
@@ -47,53 +47,89 @@ def sync_backends(session: Session, specs: Mapping[str, BackendSpec]) -> None:
 
 def ensure_objects(session: Session, digests: Iterable[tuple[str, str, int]]) -> dict[str, int]:
     """Insert (cid, sha256, size) objects not yet known; return object ids by CID."""
-    rows = {cid: {"cid": cid, "sha256": sha, "size": size, "meta": {}, "tags": [],
-                  "created_at": utcnow()} for cid, sha, size in digests}
+    now = utcnow()
+    rows = sorted({cid: (cid, sha, size) for cid, sha, size in digests}.values())
     if not rows:
         return {}
-    session.execute(dialect_insert(session, StoredObject).on_conflict_do_nothing(index_elements=["cid"]),
-                    list(rows.values()))
-    found = session.execute(select(StoredObject.cid, StoredObject.id).where(StoredObject.cid.in_(rows)))
-    return {cid: oid for cid, oid in found}
+    table = StoredObject.__table__
+    if _postgres(session):
+        # One statement over arrays instead of one per row: this runs for every batch.
+        session.execute(text(
+            "INSERT INTO objects (cid, sha256, size, metadata, tags, created_at) "
+            "SELECT c, s, z, '{}'::json, '[]'::json, :now "
+            "FROM unnest(CAST(:cids AS text[]), CAST(:shas AS text[]), CAST(:sizes AS bigint[])) AS t(c, s, z) "
+            "ON CONFLICT (cid) DO NOTHING"),
+            {"cids": [r[0] for r in rows], "shas": [r[1] for r in rows], "sizes": [r[2] for r in rows], "now": now})
+    else:
+        session.execute(dialect_insert(session, table).on_conflict_do_nothing(index_elements=["cid"]),
+                        [{"cid": c, "sha256": sh, "size": z, "metadata": {}, "tags": [], "created_at": now}
+                         for c, sh, z in rows])
+    ids: dict[str, int] = {}
+    cids = [r[0] for r in rows]
+    for i in range(0, len(cids), 1000):
+        found = session.execute(select(table.c.cid, table.c.id).where(table.c.cid.in_(cids[i:i + 1000])))
+        ids.update({cid: oid for cid, oid in found})
+    return ids
 
 
 def record(session: Session, facts: Sequence[ReplicaFact]) -> dict[str, int]:
-    """Upsert objects and replicas from facts in two bulk statements; return object ids by CID."""
+    """Upsert objects and replicas from facts in bulk; return object ids by CID."""
     if not facts:
         return {}
     # One statement may not upsert a row twice: the last fact about a location wins.
     facts = list({(f.backend, f.key): f for f in facts}.values())
+    # Sorted, so concurrent workers lock rows in the same order and cannot deadlock.
+    facts.sort(key=lambda f: (f.backend, f.key))
     ids = ensure_objects(session, {(f.cid, f.sha256, f.size) for f in facts})
     now = utcnow()
-    rows = [{"backend": f.backend, "key": f.key, "state": f.state, "object_id": ids[f.cid],
-             "last_error": f.error, "updated_at": now, "created_at": now,
-             "verified_at": now if f.verified else None} for f in facts]
-    stmt = dialect_insert(session, Replica)
+    if _postgres(session):
+        session.execute(text(
+            "INSERT INTO replicas (backend, key, state, object_id, last_error, created_at, updated_at, verified_at) "
+            "SELECT b, k, s, o, e, :now, :now, CASE WHEN v THEN CAST(:now AS timestamptz) END "
+            "FROM unnest(CAST(:backends AS text[]), CAST(:keys AS text[]), CAST(:states AS text[]), "
+            "CAST(:objects AS bigint[]), CAST(:errors AS text[]), CAST(:verified AS boolean[])) "
+            "AS t(b, k, s, o, e, v) "
+            "ON CONFLICT (backend, key) DO UPDATE SET object_id = excluded.object_id, state = excluded.state, "
+            "last_error = excluded.last_error, updated_at = excluded.updated_at, verified_at = excluded.verified_at"),
+            {"backends": [f.backend for f in facts], "keys": [f.key for f in facts],
+             "states": [ReplicaState(f.state).value for f in facts], "objects": [ids[f.cid] for f in facts],
+             "errors": [f.error for f in facts], "verified": [f.verified for f in facts], "now": now})
+        return ids
+    stmt = dialect_insert(session, Replica.__table__)
     stmt = stmt.on_conflict_do_update(
         index_elements=["backend", "key"],
         set_={"object_id": stmt.excluded.object_id, "state": stmt.excluded.state,
               "last_error": stmt.excluded.last_error, "updated_at": stmt.excluded.updated_at,
               "verified_at": stmt.excluded.verified_at},
     )
-    session.execute(stmt, rows)
+    session.execute(stmt, [{"backend": f.backend, "key": f.key, "state": f.state, "object_id": ids[f.cid],
+                            "last_error": f.error, "updated_at": now, "created_at": now,
+                            "verified_at": now if f.verified else None} for f in facts])
     return ids
 
 
-def replicas_at(session: Session, locations: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Replica]:
-    """Known replicas at (backend, key) locations, with their objects."""
+def _postgres(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def replicas_at(session: Session, locations: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Row]:
+    """Known replicas at (backend, key) locations: rows of backend, key, state, verified_at,
+    object_id and the object's cid, sha256 and size (plain rows: this runs for every batch)."""
     by_backend: dict[str, set[str]] = {}
     for backend, key in locations:
         by_backend.setdefault(backend, set()).add(key)
-    found: dict[tuple[str, str], Replica] = {}
+    r, o = Replica.__table__.c, StoredObject.__table__.c
+    columns = (r.backend, r.key, r.state, r.verified_at, r.object_id, o.cid, o.sha256, o.size)
+    found: dict[tuple[str, str], Row] = {}
     for backend, keys in by_backend.items():
         ordered = sorted(keys)
         for i in range(0, len(ordered), 1000):
             # backend = ? AND key IN (...): an index range per key on (backend, key).
-            for r in session.scalars(
-                select(Replica).options(selectinload(Replica.object))
-                .where(Replica.backend == backend, Replica.key.in_(ordered[i:i + 1000]))
+            for row in session.execute(
+                select(*columns).join_from(Replica.__table__, StoredObject.__table__, r.object_id == o.id)
+                .where(r.backend == backend, r.key.in_(ordered[i:i + 1000]))
             ):
-                found[(r.backend, r.key)] = r
+                found[(row.backend, row.key)] = row
     return found
 
 
