@@ -98,7 +98,12 @@ def _submit_and_follow(payload: dict, wait: bool, as_json: bool) -> None:
     if not wait:
         out.print_json(data=accepted) if as_json else out.print(job_id)
         return
-    job = follow(c, job_id, quiet=as_json)
+    try:
+        job = follow(c, job_id, quiet=as_json)
+    except KeyboardInterrupt:
+        console.print(f"\nstopped following job {job_id}; it goes on. Follow it again with "
+                      f"`ferry job watch {job_id}`, or stop it with `ferry job cancel {job_id}`.")
+        sys.exit(130)
     if as_json:
         out.print_json(data=job)
     else:
