@@ -158,3 +158,25 @@ def test_record_upserts_one_replica_per_location_and_one_object_per_cid():
         assert found[("local", key)].state == ReplicaState.deleting  # the last fact wins
         assert found[("archive", key)].verified_at is not None
         assert found[("local", key)].object_id == found[("archive", key)].object_id == ids[cid]
+
+
+def test_lease_keeper_renews_claims_while_a_long_copy_runs():
+    """A worker busy with one long object keeps its items: the sweeper does not re-send them."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from tasks.transfer import _LeaseKeeper
+
+    jid = new_job(2)
+    with transaction() as s:
+        catalog.claim_items(s, jid, [(0, 2)], lease=timedelta(seconds=2))
+    # What the keeper reads of a batch in progress: its lock and the items still open.
+    run = SimpleNamespace(lock=threading.Lock(), open_seqs={0, 1})
+    with _LeaseKeeper(jid, run, lease_seconds=2):
+        time.sleep(3.5)  # well past the first lease
+        with transaction() as s:
+            assert not [r for r in catalog.requeue_stalled(s, now=utcnow(), requeue_after=timedelta(hours=1))
+                        if r[0] == jid]
+            leases = s.scalars(select(JobItem.lease_until).where(JobItem.job_id == jid)).all()
+            assert all(lease > utcnow() for lease in leases)
