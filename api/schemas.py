@@ -65,6 +65,7 @@ class ItemCounts(BaseModel):
 class ByteCounts(BaseModel):
     done: int = Field(description="bytes of items done or skipped")
     known: int = Field(description="bytes of all items whose size is known")
+    in_flight: int = Field(description="bytes copied so far of items still running")
 
 
 class JobOut(BaseModel):

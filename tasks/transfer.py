@@ -26,7 +26,7 @@ from ferry.settings import get_settings
 from tasks.app import app, backoff
 from workers import registry, transfer
 from workers.base import Backend
-from workers.cid import Digest
+from workers.cid import ContentHasher, Digest
 
 log = logging.getLogger(__name__)
 FLUSH_EVERY = 1.0  # seconds between progress commits within a batch
@@ -59,7 +59,7 @@ def transfer_items(self, job_id: str, spans: list[list[int]]) -> dict[str, int]:
     if plan is None:
         return {"claimed": 0}
     run = _BatchRun(plan, settings.max_attempts)
-    with _LeaseKeeper(plan.job_id, run, settings.lease_seconds):
+    with _Heartbeat(plan.job_id, run, settings.lease_seconds):
         run.run()
     if run.retry_seqs:
         countdown = backoff(self.request.retries)
@@ -105,6 +105,7 @@ class _BatchRun:
         self.lock = threading.Lock()
         self.tally = {"done": 0, "skipped": 0, "failed": 0, "retry": 0}
         self.cancelled = False
+        self.current: tuple[int, ContentHasher] | None = None  # the item being copied, for progress
 
     @property
     def moves(self) -> bool:
@@ -142,7 +143,12 @@ class _BatchRun:
             digest = self._already_there(item, src, dst)
             state = ItemState.skipped
             if digest is None:
-                digest = transfer.copy(src, item.source_key, dst, item.dest_key, size=item.size)
+                hasher = ContentHasher()
+                self.current = (item.seq, hasher)
+                try:
+                    digest = transfer.copy(src, item.source_key, dst, item.dest_key, size=item.size, hasher=hasher)
+                finally:
+                    self.current = None
                 transfer.verify(dst, item.dest_key, digest)
                 state = ItemState.done
                 self.facts.append(self._fact(plan.source_backend, item.source_key, digest, verified=True))
@@ -229,17 +235,20 @@ class _BatchRun:
         self._finish(item, state, digest=digest)
 
 
-class _LeaseKeeper:
-    """Renews the claim on a batch's open items while a long copy runs, so the sweeper
-    re-sends them only when this worker is really gone."""
+class _Heartbeat:
+    """While a batch runs: reports how far the current copy has got (every couple of
+    seconds, so a large object shows progress) and renews the claim on the batch's open
+    items (so the sweeper re-sends them only when this worker is really gone)."""
+
+    PROGRESS_EVERY = 2.0
 
     def __init__(self, job_id: uuid.UUID, run: _BatchRun, lease_seconds: int):
         self.job_id, self.run, self.lease = job_id, run, timedelta(seconds=lease_seconds)
-        self.interval = max(1.0, lease_seconds / 3)
+        self.renew_every = max(1.0, lease_seconds / 3)
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._loop, name="ferry-lease", daemon=True)
+        self.thread = threading.Thread(target=self._loop, name="ferry-heartbeat", daemon=True)
 
-    def __enter__(self) -> _LeaseKeeper:
+    def __enter__(self) -> _Heartbeat:
         self.thread.start()
         return self
 
@@ -248,11 +257,24 @@ class _LeaseKeeper:
         self.thread.join()
 
     def _loop(self) -> None:
-        while not self.stop.wait(self.interval):
+        last_renew = time.monotonic()
+        reported: tuple[int, int] | None = None
+        while not self.stop.wait(min(self.PROGRESS_EVERY, self.renew_every)):
+            current = self.run.current
+            progress = (current[0], current[1].size) if current else None
+            renew = time.monotonic() - last_renew >= self.renew_every
+            if progress == reported and not renew:
+                continue
             with self.run.lock:
                 seqs = sorted(self.run.open_seqs)
             try:
                 with transaction() as session:
-                    catalog.renew_lease(session, self.job_id, seqs, lease=self.lease)
+                    if progress is not None and progress != reported:
+                        catalog.report_progress(session, self.job_id, *progress)
+                    if renew:
+                        catalog.renew_lease(session, self.job_id, seqs, lease=self.lease)
+                reported = progress
+                if renew:
+                    last_renew = time.monotonic()
             except Exception:
-                log.exception("job %s: renewing the lease failed", self.job_id)
+                log.exception("job %s: heartbeat failed", self.job_id)

@@ -150,6 +150,11 @@ class ContentHasher:
         if pos < n:
             self._partial += view[pos:]
 
+    @property
+    def size(self) -> int:
+        """Bytes fed so far (read by a progress reporter on another thread)."""
+        return self._size
+
     def digest(self) -> Digest:
         """Finish the DAG and return the result; later calls return the same Digest."""
         if self._digest is None:

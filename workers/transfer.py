@@ -21,13 +21,15 @@ def _hashed(chunks: Iterator[bytes], hasher: ContentHasher) -> Iterator[bytes]:
         yield chunk
 
 
-def copy(src: Backend, src_key: str, dst: Backend, dst_key: str, size: int | None = None) -> Digest:
+def copy(src: Backend, src_key: str, dst: Backend, dst_key: str, size: int | None = None,
+         hasher: ContentHasher | None = None) -> Digest:
     """Copy one object; return the digest of the bytes read from the source.
 
+    Pass a `hasher` to watch the bytes go by (`hasher.size`) from another thread.
     Raises KeyNotFound (source missing), ChecksumMismatch (source changed size while
     read), BackendUnavailable/BackendError from either side.
     """
-    hasher = ContentHasher()
+    hasher = hasher or ContentHasher()
     written = dst.write(dst_key, _hashed(src.read(src_key), hasher), size=size)
     digest = hasher.digest()
     if written != digest.size:

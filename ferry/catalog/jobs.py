@@ -165,12 +165,21 @@ def claim_items(session: Session, job_id: uuid.UUID, spans: Sequence[Span], *,
         update(JobItem)
         .where(JobItem.job_id == job_id, _spans_clause(spans), claimable)
         .values(state=ItemState.running, attempts=JobItem.attempts + 1,
-                lease_until=now + lease, updated_at=now)
+                lease_until=now + lease, updated_at=now, bytes_copied=None)
         .returning(JobItem.seq, JobItem.source_key, JobItem.dest_backend, JobItem.dest_key,
                    JobItem.size, JobItem.attempts)
         .execution_options(synchronize_session=False)
     ).all()
     return sorted(rows, key=lambda r: r.seq)
+
+
+def report_progress(session: Session, job_id: uuid.UUID, seq: int, nbytes: int) -> None:
+    """Record how far the copy of a running item has got."""
+    session.execute(
+        update(JobItem)
+        .where(JobItem.job_id == job_id, JobItem.seq == seq, JobItem.state == ItemState.running)
+        .values(bytes_copied=nbytes)
+    )
 
 
 def renew_lease(session: Session, job_id: uuid.UUID, seqs: Sequence[int], *, lease: timedelta) -> None:
@@ -193,7 +202,7 @@ def finish_items(session: Session, job_id: uuid.UUID, outcomes: Sequence[dict[st
         # One statement over arrays instead of one per item: this runs for every batch.
         session.execute(text(
             "UPDATE job_items AS j SET state = v.state, error = v.error, size = v.size, "
-            "object_id = v.object_id, lease_until = NULL, updated_at = :now, "
+            "object_id = v.object_id, lease_until = NULL, bytes_copied = NULL, updated_at = :now, "
             "enqueued_at = CASE WHEN v.state = 'queued' THEN CAST(:now AS timestamptz) END "
             "FROM unnest(CAST(:seqs AS integer[]), CAST(:states AS text[]), CAST(:errors AS text[]), "
             "CAST(:sizes AS bigint[]), CAST(:objects AS bigint[])) AS v(seq, state, error, size, object_id) "
@@ -209,7 +218,7 @@ def finish_items(session: Session, job_id: uuid.UUID, outcomes: Sequence[dict[st
         .where(t.c.job_id == bindparam("b_job"), t.c.seq == bindparam("b_seq"),
                t.c.state == ItemState.running.value)
         .values(state=bindparam("b_state"), error=bindparam("b_error"), size=bindparam("b_size"),
-                object_id=bindparam("b_object"), lease_until=None, updated_at=now,
+                object_id=bindparam("b_object"), lease_until=None, bytes_copied=None, updated_at=now,
                 enqueued_at=bindparam("b_enqueued"))
     )
     session.connection().execute(stmt, [
@@ -221,21 +230,24 @@ def finish_items(session: Session, job_id: uuid.UUID, outcomes: Sequence[dict[st
 
 
 def counts(session: Session, job_id: uuid.UUID) -> dict[str, Any]:
-    """Items by state, and bytes done/known, in one grouped query."""
+    """Items by state, and bytes done/known/in flight, in one grouped query."""
     rows = session.execute(
-        select(JobItem.state, func.count(), func.coalesce(func.sum(JobItem.size), 0))
+        select(JobItem.state, func.count(), func.coalesce(func.sum(JobItem.size), 0),
+               func.coalesce(func.sum(JobItem.bytes_copied), 0))
         .where(JobItem.job_id == job_id)
         .group_by(JobItem.state)
     ).all()
     by_state = {s.value: 0 for s in ItemState}
-    bytes_known = bytes_done = 0
-    for state, n, nbytes in rows:
+    bytes_known = bytes_done = in_flight = 0
+    for state, n, nbytes, copied in rows:
         by_state[ItemState(state).value] = n
         bytes_known += int(nbytes)
         if state in (ItemState.done, ItemState.skipped):
             bytes_done += int(nbytes)
+        elif state == ItemState.running:
+            in_flight += int(copied)
     by_state["total"] = sum(by_state.values())
-    return {"items": by_state, "bytes": {"done": bytes_done, "known": bytes_known}}
+    return {"items": by_state, "bytes": {"done": bytes_done, "known": bytes_known, "in_flight": in_flight}}
 
 
 def finish_if_complete(session: Session, job_id: uuid.UUID) -> JobState | None:

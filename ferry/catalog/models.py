@@ -191,6 +191,8 @@ class JobItem(Base):
     state: Mapped[ItemState] = mapped_column(_enum(ItemState, "item_state"))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     size: Mapped[int | None] = mapped_column(BigInteger)
+    # Bytes copied so far while the item runs: progress of a large object in flight.
+    bytes_copied: Mapped[int | None] = mapped_column(BigInteger)
     object_id: Mapped[int | None] = mapped_column(BigId)
     error: Mapped[str | None] = mapped_column(Text)
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -165,7 +165,8 @@ def follow(c: Client, job_id: str, *, quiet: bool = False, interval: float = 0.5
         task = progress.add_task(f"job {job_id[:8]}", total=None, bytes="", rate="")
         while True:
             job = c.job(job_id)
-            counts, nbytes = job["items"], job["bytes"]
+            counts, nbytes = job["items"], dict(job["bytes"])
+            nbytes["done"] += nbytes.get("in_flight", 0)
             finished = counts["done"] + counts["skipped"] + counts["failed"] + counts["cancelled"]
             elapsed = max(time.monotonic() - started, 1e-6)
             progress.update(

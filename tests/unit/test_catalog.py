@@ -160,21 +160,29 @@ def test_record_upserts_one_replica_per_location_and_one_object_per_cid():
         assert found[("local", key)].object_id == found[("archive", key)].object_id == ids[cid]
 
 
-def test_lease_keeper_renews_claims_while_a_long_copy_runs():
-    """A worker busy with one long object keeps its items: the sweeper does not re-send them."""
+def test_heartbeat_reports_progress_and_keeps_the_claims_of_a_long_copy():
+    """A worker busy with one long object shows its progress and keeps its items: the
+    sweeper does not re-send them."""
     import threading
     import time
     from types import SimpleNamespace
 
-    from tasks.transfer import _LeaseKeeper
+    from tasks.transfer import _Heartbeat
 
     jid = new_job(2)
     with transaction() as s:
         catalog.claim_items(s, jid, [(0, 2)], lease=timedelta(seconds=2))
-    # What the keeper reads of a batch in progress: its lock and the items still open.
-    run = SimpleNamespace(lock=threading.Lock(), open_seqs={0, 1})
-    with _LeaseKeeper(jid, run, lease_seconds=2):
+    from workers.cid import ContentHasher
+
+    hasher = ContentHasher()
+    hasher.update(b"x" * 12345)
+    # What the heartbeat reads of a batch in progress: its lock, the items still open,
+    # and the item being copied with its hasher.
+    run = SimpleNamespace(lock=threading.Lock(), open_seqs={0, 1}, current=(0, hasher))
+    with _Heartbeat(jid, run, lease_seconds=2):
         time.sleep(3.5)  # well past the first lease
+        with transaction() as s:  # the copy in flight shows in the job's progress
+            assert catalog.counts(s, jid)["bytes"]["in_flight"] == 12345
         with transaction() as s:
             assert not [r for r in catalog.requeue_stalled(s, now=utcnow(), requeue_after=timedelta(hours=1))
                         if r[0] == jid]
