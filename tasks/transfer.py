@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 import uuid
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -30,6 +31,7 @@ from workers.cid import ContentHasher, Digest
 
 log = logging.getLogger(__name__)
 FLUSH_EVERY = 1.0  # seconds between progress commits within a batch
+SMALL_OBJECT = 16 * 2**20  # objects up to this size may be copied several at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +60,7 @@ def transfer_items(self, job_id: str, spans: list[list[int]]) -> dict[str, int]:
     plan = _claim(uuid.UUID(job_id), [(lo, hi) for lo, hi in spans], settings.lease_seconds)
     if plan is None:
         return {"claimed": 0}
-    run = _BatchRun(plan, settings.max_attempts)
+    run = _BatchRun(plan, settings.max_attempts, settings.item_threads)
     with _Heartbeat(plan.job_id, run, settings.lease_seconds):
         run.run()
     if run.retry_seqs:
@@ -90,50 +92,75 @@ def _claim(job_id: uuid.UUID, spans: list[catalog.Span], lease_seconds: int) -> 
 
 
 class _BatchRun:
-    """Works through a plan's items, buffering outcomes and committing them in bulk."""
+    """Works through a plan's items, buffering outcomes and committing them in bulk.
 
-    def __init__(self, plan: Plan, max_attempts: int):
+    Small objects (size known, at most SMALL_OBJECT) are copied by a few threads at once,
+    so round trips to a remote store overlap; the rest go one at a time, which bounds
+    memory to what one large transfer needs. Only the main thread writes the catalog.
+    """
+
+    def __init__(self, plan: Plan, max_attempts: int, threads: int):
         self.plan = plan
         self.max_attempts = max_attempts
+        self.threads = threads
         self.settings = get_settings()
         self.backends: dict[str, Backend] = {}
+        self.lock = threading.RLock()  # guards the buffers below, shared with item threads
         self.facts: list[ReplicaFact] = []
         self.outcomes: list[dict[str, Any]] = []
         self.to_delete: list[tuple[Item, Digest, ItemState]] = []
         self.retry_seqs: list[int] = []
         self.open_seqs = {i.seq for i in plan.items}
-        self.lock = threading.Lock()
+        self.in_flight: dict[int, ContentHasher] = {}  # copies under way, for progress
         self.tally = {"done": 0, "skipped": 0, "failed": 0, "retry": 0}
         self.cancelled = False
-        self.current: tuple[int, ContentHasher] | None = None  # the item being copied, for progress
+        self.last_flush = time.monotonic()
 
     @property
     def moves(self) -> bool:
         return self.plan.kind == JobKind.migrate and not self.plan.keep_source
 
     def run(self) -> None:
-        last_flush = time.monotonic()
-        for item in self.plan.items:
-            if self.cancelled:
-                self._finish(item, ItemState.cancelled, error="job cancelled")
-                continue
-            self._process(item)
-            if time.monotonic() - last_flush >= FLUSH_EVERY:
-                self.flush()
-                last_flush = time.monotonic()
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="ferry-item") as pool:
+            pending: set[Future] = set()
+            for item in self.plan.items:
+                if self.cancelled:
+                    self._finish(item, ItemState.cancelled, error="job cancelled")
+                    continue
+                if item.size is not None and item.size <= SMALL_OBJECT and self.threads > 1:
+                    pending.add(pool.submit(self._process, item))
+                    while len(pending) >= self.threads:
+                        pending = self._wait(pending)
+                else:
+                    self._process(item)
+                self._maybe_flush()
+            while pending:
+                pending = self._wait(pending)
+                self._maybe_flush()
         while self.facts or self.outcomes or self.to_delete:
             self.flush()
         with transaction() as session:
             catalog.finish_if_complete(session, self.plan.job_id)
 
+    def _wait(self, pending: set[Future]) -> set[Future]:
+        done, pending = wait(pending, timeout=FLUSH_EVERY, return_when=FIRST_COMPLETED)
+        for future in done:
+            future.result()  # _process handles every error; anything else is a bug to surface
+        return pending
+
+    def _maybe_flush(self) -> None:
+        if time.monotonic() - self.last_flush >= FLUSH_EVERY:
+            self.flush()
+
     def _backend(self, name: str) -> Backend:
-        backend = self.backends.get(name)
-        if backend is None:
-            spec = self.settings.backends().get(name)
-            if spec is None:
-                raise UnknownBackend(f"backend {name!r} is not configured on this worker")
-            backend = self.backends[name] = registry.get(spec)
-        return backend
+        with self.lock:
+            backend = self.backends.get(name)
+            if backend is None:
+                spec = self.settings.backends().get(name)
+                if spec is None:
+                    raise UnknownBackend(f"backend {name!r} is not configured on this worker")
+                backend = self.backends[name] = registry.get(spec)
+            return backend
 
     def _process(self, item: Item) -> None:
         plan = self.plan
@@ -142,34 +169,39 @@ class _BatchRun:
             dst = self._backend(item.dest_backend)
             digest = self._already_there(item, src, dst)
             state = ItemState.skipped
+            facts = []
             if digest is None:
                 hasher = ContentHasher()
-                self.current = (item.seq, hasher)
+                with self.lock:
+                    self.in_flight[item.seq] = hasher
                 try:
                     digest = transfer.copy(src, item.source_key, dst, item.dest_key, size=item.size, hasher=hasher)
                 finally:
-                    self.current = None
+                    with self.lock:
+                        del self.in_flight[item.seq]
                 transfer.verify(dst, item.dest_key, digest)
                 state = ItemState.done
-                self.facts.append(self._fact(plan.source_backend, item.source_key, digest, verified=True))
-            self.facts.append(self._fact(item.dest_backend, item.dest_key, digest, verified=True))
-            if self.moves:
-                # The destination is verified; the source goes only after that is committed.
-                self.facts.append(self._fact(plan.source_backend, item.source_key, digest,
-                                             state=ReplicaState.deleting))
-                self.to_delete.append((item, digest, state))
-            else:
-                self._finish(item, state, digest=digest)
+                facts.append(self._fact(plan.source_backend, item.source_key, digest, verified=True))
+            facts.append(self._fact(item.dest_backend, item.dest_key, digest, verified=True))
+            with self.lock:
+                self.facts += facts
+                if self.moves:
+                    # The destination is verified; the source goes only after that is committed
+                    # (the deleting fact and the delete travel through the same flush).
+                    self.facts.append(self._fact(plan.source_backend, item.source_key, digest,
+                                                 state=ReplicaState.deleting))
+                    self.to_delete.append((item, digest, state))
+                else:
+                    self._finish(item, state, digest=digest)
         except BackendUnavailable as exc:
             if item.attempts < self.max_attempts:
-                self.retry_seqs.append(item.seq)
-                self.tally["retry"] += 1
+                with self.lock:
+                    self.retry_seqs.append(item.seq)
+                    self.tally["retry"] += 1
                 self._finish(item, ItemState.queued, error=f"attempt {item.attempts}: {exc.message}")
             else:
                 self._finish(item, ItemState.failed, error=f"gave up after {item.attempts} attempts: {exc.message}")
-        except KeyNotFound as exc:
-            self._finish(item, ItemState.failed, error=f"source missing: {exc.message}")
-        except FerryError as exc:
+        except FerryError as exc:  # KeyNotFound, ChecksumMismatch, ...: the message names backend and key
             self._finish(item, ItemState.failed, error=exc.message)
         except Exception as exc:  # a bug or an unmapped driver error: fail the item, keep the batch going
             log.exception("job %s item %d failed unexpectedly", plan.job_id, item.seq)
@@ -197,16 +229,19 @@ class _BatchRun:
 
     def _finish(self, item: Item, state: ItemState, *, digest: Digest | None = None,
                 error: str | None = None) -> None:
-        self.outcomes.append({"seq": item.seq, "state": state, "error": error,
-                              "size": digest.size if digest else item.size, "cid": digest.cid if digest else None})
-        if state in (ItemState.done, ItemState.skipped, ItemState.failed):
-            self.tally[state.value] += 1
+        with self.lock:
+            self.outcomes.append({"seq": item.seq, "state": state, "error": error,
+                                  "size": digest.size if digest else item.size,
+                                  "cid": digest.cid if digest else None})
+            if state in (ItemState.done, ItemState.skipped, ItemState.failed):
+                self.tally[state.value] += 1
 
     def flush(self) -> None:
         """Commit buffered facts and outcomes; then delete the sources whose copies that
         commit made durable, and buffer their outcomes for the next flush."""
-        facts, outcomes, deletes = self.facts, self.outcomes, self.to_delete
-        self.facts, self.outcomes, self.to_delete = [], [], []
+        with self.lock:
+            facts, outcomes, deletes = self.facts, self.outcomes, self.to_delete
+            self.facts, self.outcomes, self.to_delete = [], [], []
         with transaction() as session:
             ids = record(session, facts)
             for o in outcomes:
@@ -218,6 +253,7 @@ class _BatchRun:
             self.open_seqs -= {o["seq"] for o in outcomes}
         for item, digest, state in deletes:
             self._delete_source(item, digest, state)
+        self.last_flush = time.monotonic()
 
     def _delete_source(self, item: Item, digest: Digest, state: ItemState) -> None:
         src_name = self.plan.source_backend
@@ -225,13 +261,15 @@ class _BatchRun:
             self._backend(src_name).delete(item.source_key)
         except FerryError as exc:
             # The copy is verified and recorded; the source stays, marked so, for a later pass.
-            self.facts.append(ReplicaFact(src_name, item.source_key, ReplicaState.present, digest.cid,
-                                          digest.sha256, digest.size, error=f"delete failed: {exc.message}"))
+            with self.lock:
+                self.facts.append(ReplicaFact(src_name, item.source_key, ReplicaState.present, digest.cid,
+                                              digest.sha256, digest.size, error=f"delete failed: {exc.message}"))
             self._finish(item, ItemState.failed,
                          error=f"copied and verified, but deleting the source failed: {exc.message}")
             return
-        self.facts.append(ReplicaFact(src_name, item.source_key, ReplicaState.gone, digest.cid,
-                                      digest.sha256, digest.size))
+        with self.lock:
+            self.facts.append(ReplicaFact(src_name, item.source_key, ReplicaState.gone, digest.cid,
+                                          digest.sha256, digest.size))
         self._finish(item, state, digest=digest)
 
 
@@ -258,19 +296,19 @@ class _Heartbeat:
 
     def _loop(self) -> None:
         last_renew = time.monotonic()
-        reported: tuple[int, int] | None = None
+        reported: dict[int, int] = {}
         while not self.stop.wait(min(self.PROGRESS_EVERY, self.renew_every)):
-            current = self.run.current
-            progress = (current[0], current[1].size) if current else None
-            renew = time.monotonic() - last_renew >= self.renew_every
-            if progress == reported and not renew:
-                continue
             with self.run.lock:
+                progress = {seq: hasher.size for seq, hasher in self.run.in_flight.items()}
                 seqs = sorted(self.run.open_seqs)
+            changed = {seq: n for seq, n in progress.items() if reported.get(seq) != n}
+            renew = time.monotonic() - last_renew >= self.renew_every
+            if not changed and not renew:
+                continue
             try:
                 with transaction() as session:
-                    if progress is not None and progress != reported:
-                        catalog.report_progress(session, self.job_id, *progress)
+                    for seq, nbytes in changed.items():
+                        catalog.report_progress(session, self.job_id, seq, nbytes)
                     if renew:
                         catalog.renew_lease(session, self.job_id, seqs, lease=self.lease)
                 reported = progress

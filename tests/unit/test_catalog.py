@@ -177,8 +177,8 @@ def test_heartbeat_reports_progress_and_keeps_the_claims_of_a_long_copy():
     hasher = ContentHasher()
     hasher.update(b"x" * 12345)
     # What the heartbeat reads of a batch in progress: its lock, the items still open,
-    # and the item being copied with its hasher.
-    run = SimpleNamespace(lock=threading.Lock(), open_seqs={0, 1}, current=(0, hasher))
+    # and the copies under way with their hashers.
+    run = SimpleNamespace(lock=threading.Lock(), open_seqs={0, 1}, in_flight={0: hasher})
     with _Heartbeat(jid, run, lease_seconds=2):
         time.sleep(3.5)  # well past the first lease
         with transaction() as s:  # the copy in flight shows in the job's progress
