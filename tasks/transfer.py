@@ -31,7 +31,7 @@ from workers.cid import ContentHasher, Digest
 
 log = logging.getLogger(__name__)
 FLUSH_EVERY = 1.0  # seconds between progress commits within a batch
-SMALL_OBJECT = 16 * 2**20  # objects up to this size may be copied several at once
+SMALL_OBJECT = 2**20  # objects up to this size may be copied several at once (FERRY_ITEM_THREADS)
 
 
 @dataclass(frozen=True, slots=True)
