@@ -107,8 +107,9 @@ def submit(request: JobRequest) -> Job:
 
 
 def request_from_spec(kind: JobKind, spec: dict) -> JobRequest:
+    """The request of a stored prefix job (a key-list job's spec keeps only a key count)."""
     src = spec["source"]
-    return JobRequest(kind=kind, source_backend=src["backend"], keys=src.get("keys"),
+    return JobRequest(kind=kind, source_backend=src["backend"], keys=None,
                       prefix=src.get("prefix"), keep_source=spec.get("keep_source", False),
                       targets=[Target(t["backend"], t.get("prefix", "")) for t in spec["targets"]],
                       spec=spec)
