@@ -61,8 +61,7 @@ def test_sigkilled_worker_loses_nothing(test_env, disks, s3_server, s3_backend):
             cluster.start_worker("rescuer", concurrency=2)
             job = wait_job(api, job_id, timeout=90)
     except BaseException:
-        for name in list(cluster.procs):
-            print(f"--- {name} ---\n{cluster.logs(name)}")
+        cluster.print_logs()
         raise
     finally:
         cluster.stop()
