@@ -59,7 +59,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.fixtures
+
+from ferry.cli.launch import ProcessFailed, ProcessGroup
 from ferry.settings import Settings
+from tests.fixtures.s3peer import TEST_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 2**20
@@ -67,23 +71,9 @@ TERMINAL = ("succeeded", "failed", "partially_failed", "cancelled")
 BUCKET = "ferry-bench"
 RCLONE_REMOTE = "ferrybenchs3"
 
-# Dummy credentials for the moto peer; the user's AWS configuration is kept out so
-# nothing here can reach real AWS. None removes the variable.
-AWS_ENV: dict[str, str | None] = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_SESSION_TOKEN": None,
-    "AWS_SECURITY_TOKEN": None,
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_REGION": None,
-    "AWS_PROFILE": None,
-    "AWS_CA_BUNDLE": None,  # rclone refuses to start with a CA bundle it cannot read
-    "AWS_ENDPOINT_URL": None,
-    "AWS_ENDPOINT_URL_S3": None,
-    "AWS_CONFIG_FILE": os.devnull,
-    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
+# Dummy credentials for the moto peer with the user's AWS configuration kept out (the
+# environment the tests use), so nothing here can reach real AWS. None removes a variable.
+AWS_ENV = TEST_ENV
 
 
 def say(msg: str) -> None:
@@ -191,61 +181,6 @@ def pick_redis_db(base: str, wanted: int | None) -> int:
     except redis.RedisError as exc:
         raise BenchError(f"Redis is not reachable at {base} ({exc}); start redis-server") from exc
     raise BenchError("no empty Redis database among 0..15; pass --redis-db N")
-
-
-class Procs:
-    """Child processes, each in its own session so a whole tree can be stopped."""
-
-    def __init__(self, log_dir: Path, env: dict[str, str]):
-        self.log_dir = log_dir
-        self.env = env
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
-        with open(self.log_dir / f"{name}.log", "ab") as log:
-            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=self.env, cwd=REPO, start_new_session=True)
-        self.procs[name] = proc
-        return proc
-
-    def log(self, name: str, tail: int = 4000) -> str:
-        path = self.log_dir / f"{name}.log"
-        return path.read_text(errors="replace")[-tail:] if path.exists() else "(no log)"
-
-    def wait_for_log(self, name: str, text: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        path = self.log_dir / f"{name}.log"
-        while time.monotonic() < deadline:
-            if path.exists() and text in path.read_text(errors="replace"):
-                return
-            if self.procs[name].poll() is not None:
-                break
-            time.sleep(0.2)
-        raise BenchError(f"{name} did not log {text!r} within {timeout:.0f}s:\n{self.log(name)}")
-
-    def check_alive(self) -> None:
-        for name, p in self.procs.items():
-            if p.poll() is not None:
-                raise BenchError(f"{name} exited with code {p.returncode}:\n{self.log(name)}")
-
-    def stop_all(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + 20
-        for p in self.procs.values():
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                p.wait()
-        self.procs.clear()
 
 
 def wait_http(url: str, timeout: float) -> None:
@@ -359,7 +294,7 @@ class Bench:
             d.mkdir(parents=True)
         self.pg = Postgres(args.postgres)
         self.redis_url: str | None = None
-        self.procs: Procs | None = None
+        self.procs: ProcessGroup | None = None
         self.sampler: RssSampler | None = None
         self.api = None
         self.s3 = None
@@ -427,7 +362,7 @@ class Bench:
         say(f"database {self.pg.dbname}, broker {self.redis_url}")
 
         env = self.env()
-        self.procs = Procs(self.logs, env)
+        self.procs = ProcessGroup(self.logs, env)
         self.start_moto(env)
         env.update({
             "FERRY_DATA_DIR": str(self.work / "data"),
@@ -771,7 +706,7 @@ class Bench:
         if self.api is not None:
             self.api.close()
         if self.procs is not None:
-            self.procs.stop_all()
+            self.procs.stop()
         try:
             self.pg.drop()  # WITH (FORCE): connections still open (ours included) are closed
         except Exception as exc:  # noqa: BLE001 - report and go on cleaning up
@@ -847,7 +782,6 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("cp") is None:
         print("bench: cp not found on PATH", file=sys.stderr)
         return 2
-    sys.path.insert(0, str(REPO))
 
     def on_signal(signum, _frame):
         raise SystemExit(128 + signum)
@@ -856,11 +790,11 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(args)
     try:
         result = bench.run()
-    except BenchError as exc:
+    except (BenchError, ProcessFailed) as exc:
         say(f"FAILED: {exc}")
         if bench.procs is not None:
             for name in bench.procs.procs:
-                say(f"--- {name} log (tail) ---\n{bench.procs.log(name, 3000)}")
+                say(f"--- {name} log (tail) ---\n{bench.procs.logs(name, 3000)}")
         return 1
     finally:
         say("cleaning up")

@@ -40,20 +40,72 @@ def all_queues(settings: Settings) -> list[str]:
     return ["ferry.control"] + [f"backend.{name}" for name in settings.backends()]
 
 
-class ProcessGroup:
-    """Children that live and die together: if one exits, the others are stopped."""
+class ProcessFailed(RuntimeError):
+    """Raised when a child process exits early or never says it is ready."""
 
-    def __init__(self, log_dir: Path | None = None):
+
+def _die_with_parent() -> None:
+    # If the launcher itself is killed, its children go too instead of lingering.
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class ProcessGroup:
+    """Ferry's processes that live and die together (`ferry serve`, the e2e tests, the bench).
+
+    Each child runs in its own session, so stopping it stops its whole tree (gunicorn's
+    or celery's pool); on Linux it also dies with its launcher. With a `log_dir`, each
+    child logs to `<log_dir>/<name>.log`; without, to the launcher's terminal.
+    """
+
+    def __init__(self, log_dir: Path | None = None, env: dict[str, str] | None = None):
         self.log_dir = log_dir
+        self.env = env
         self.procs: dict[str, subprocess.Popen] = {}
 
-    def start(self, name: str, argv: list[str]) -> None:
-        out = None
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
+        log = None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (the child owns it)
-        self.procs[name] = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                            env=os.environ.copy())
+            log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (the child keeps its copy)
+        try:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT if log else None,
+                env=self.env if self.env is not None else os.environ.copy(), start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
+        finally:
+            if log is not None:
+                log.close()
+        self.procs[name] = proc
+        return proc
+
+    def logs(self, name: str, tail: int = 6000) -> str:
+        path = self.log_dir / f"{name}.log" if self.log_dir else None
+        return path.read_text(errors="replace")[-tail:] if path and path.exists() else "(no log)"
+
+    def wait_for_log(self, name: str, text: str, timeout: float) -> None:
+        """Wait until a child's log says `text`; ProcessFailed if it dies or times out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.logs(name, tail=10**9):
+                return
+            if self.procs[name].poll() is not None:
+                break
+            time.sleep(0.2)
+        raise ProcessFailed(f"{name} did not log {text!r} within {timeout:.0f}s:\n{self.logs(name)}")
+
+    def check_alive(self) -> None:
+        for name, p in self.procs.items():
+            if p.poll() is not None:
+                raise ProcessFailed(f"{name} exited with code {p.returncode}:\n{self.logs(name)}")
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a child and its whole tree, as a crash would."""
+        proc = self.procs.pop(name)
+        _signal_group(proc, signal.SIGKILL)
+        proc.wait()
 
     def wait(self) -> int:
         """Block until a child exits or we are told to stop; stop the rest; return a code."""
@@ -79,14 +131,22 @@ class ProcessGroup:
     def stop(self, grace: float = 20.0) -> None:
         for p in self.procs.values():
             if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
+                _signal_group(p, signal.SIGTERM)
         deadline = time.monotonic() + grace
         for p in self.procs.values():
             try:
                 p.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                p.kill()
+                _signal_group(p, signal.SIGKILL)
                 p.wait()
+        self.procs.clear()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def wait_ready(url: str, timeout: float = 60.0) -> None:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from ferry.cli.launch import wait_ready
-from tests.fixtures.cluster import _die_with_parent, free_port
+from ferry.cli.launch import ProcessGroup, wait_ready
+from tests.fixtures.cluster import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -32,17 +32,17 @@ def test_serve_and_migrate_without_servers(tmp_path):
         (photos / f"d{i % 3}" / f"{i}.jpg").write_bytes(data)
         digests[f"d{i % 3}/{i}.jpg"] = hashlib.sha256(data).hexdigest()
 
-    serve = subprocess.Popen([FERRY, "serve", "--port", str(port), "--log-dir", str(tmp_path / "logs")],
-                             env=env, preexec_fn=_die_with_parent)
+    group = ProcessGroup(tmp_path / "logs", env)
+    serve = group.start("serve", [FERRY, "serve", "--port", str(port), "--log-dir", str(tmp_path / "logs")])
     try:
         wait_ready(env["FERRY_API_URL"], timeout=90)
         r = subprocess.run([FERRY, "migrate", "local:photos/", "archive:photos/", "--json"], env=env,
                            capture_output=True, text=True, timeout=180)
         assert r.returncode == 0, (r.stdout, r.stderr)
     finally:
-        serve.send_signal(signal.SIGINT)
+        serve.send_signal(signal.SIGINT)  # as Ctrl-C: serve stops its children and exits 0
         serve.wait(timeout=60)
-    assert serve.returncode == 0
+    assert serve.returncode == 0, group.logs("serve")
     for key, sha in digests.items():
         moved = tmp_path / "home" / "disks" / "archive" / "photos" / key
         assert hashlib.sha256(moved.read_bytes()).hexdigest() == sha
