@@ -24,13 +24,12 @@ from tasks import jobs as job_tasks
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 
 
-def job_out(session, job: Job) -> dict:
+def job_out(job: Job, counts: dict) -> dict:
     spec = job.spec
     return JobOut(
         id=job.id, kind=job.kind, state=job.state, source=spec["source"], targets=spec["targets"],
         keep_source=spec.get("keep_source", False), total=job.total, error=job.error,
-        created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-        **catalog.counts(session, job.id),
+        created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at, **counts,
     ).model_dump(mode="json")
 
 
@@ -58,13 +57,16 @@ def index(query: JobListQuery):
         q = select(Job).order_by(Job.created_at.desc()).limit(query.limit)
         if query.state is not None:
             q = q.where(Job.state == query.state)
-        return jsonify({"jobs": [job_out(session, j) for j in session.scalars(q)]})
+        jobs = list(session.scalars(q))
+        counts = catalog.counts_of(session, [j.id for j in jobs])
+        return jsonify({"jobs": [job_out(j, counts[j.id]) for j in jobs]})
 
 
 @operation(bp, "/<job_id>", "GET", summary="A job's state and progress counts", responses={200: JobOut})
 def get(job_id: str):
     with transaction() as session:
-        return jsonify(job_out(session, catalog.get_job(session, job_id)))
+        job = catalog.get_job(session, job_id)
+        return jsonify(job_out(job, catalog.counts(session, job.id)))
 
 
 @operation(bp, "/<job_id>/items", "GET", summary="A job's items, filtered by state, paged by seq",
@@ -86,4 +88,4 @@ def cancel(job_id: str):
     with transaction() as session:
         job = catalog.cancel_job(session, job_id)
         session.flush()
-        return jsonify(job_out(session, job))
+        return jsonify(job_out(job, catalog.counts(session, job.id)))

@@ -38,5 +38,5 @@ def sweep() -> dict[str, int]:
         listings = [(str(j.id), j.source_backend)
                     for j in catalog.stalled_expansions(session, now=now, requeue_after=requeue_after)]
         after_commit(session, lambda: [send_expand(*listing) for listing in listings])
-        ended = sum(1 for jid in catalog.running_jobs(session) if catalog.finish_if_complete(session, jid))
+        ended = sum(1 for jid in catalog.finished_running_jobs(session) if catalog.finish_if_complete(session, jid))
     return {"requeued_items": len(stalled), "relisted_jobs": len(listings), "ended_jobs": ended}

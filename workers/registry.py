@@ -53,16 +53,6 @@ def build(spec: BackendSpec) -> Backend:
     return cls(spec.name, config)
 
 
-def validate(spec: BackendSpec) -> None:
-    """Check a spec's driver exists and its settings fit the driver's schema, without
-    resolving secrets (for the API and CLI, before anything runs)."""
-    cls = driver_class(spec.driver)
-    fields = set(cls.Config.model_fields)
-    unknown = sorted(set(spec.settings) - fields)
-    if unknown:
-        raise ConfigError(f"backend {spec.name!r}: unknown settings {unknown} for driver {spec.driver!r}")
-
-
 _cache: dict[str, Backend] = {}
 
 

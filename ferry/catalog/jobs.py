@@ -230,24 +230,33 @@ def finish_items(session: Session, job_id: uuid.UUID, outcomes: Sequence[dict[st
 
 
 def counts(session: Session, job_id: uuid.UUID) -> dict[str, Any]:
-    """Items by state, and bytes done/known/in flight, in one grouped query."""
-    rows = session.execute(
-        select(JobItem.state, func.count(), func.coalesce(func.sum(JobItem.size), 0),
-               func.coalesce(func.sum(JobItem.bytes_copied), 0))
-        .where(JobItem.job_id == job_id)
-        .group_by(JobItem.state)
-    ).all()
-    by_state = {s.value: 0 for s in ItemState}
-    bytes_known = bytes_done = in_flight = 0
-    for state, n, nbytes, copied in rows:
-        by_state[ItemState(state).value] = n
-        bytes_known += int(nbytes)
-        if state in (ItemState.done, ItemState.skipped):
-            bytes_done += int(nbytes)
-        elif state == ItemState.running:
-            in_flight += int(copied)
-    by_state["total"] = sum(by_state.values())
-    return {"items": by_state, "bytes": {"done": bytes_done, "known": bytes_known, "in_flight": in_flight}}
+    """Items by state, and bytes done/known/in flight, of one job."""
+    return counts_of(session, [job_id])[job_id]
+
+
+def counts_of(session: Session, job_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, dict[str, Any]]:
+    """`counts` of several jobs in one grouped query."""
+    totals = {jid: ({s.value: 0 for s in ItemState}, {"done": 0, "known": 0, "in_flight": 0}) for jid in job_ids}
+    if job_ids:
+        rows = session.execute(
+            select(JobItem.job_id, JobItem.state, func.count(), func.coalesce(func.sum(JobItem.size), 0),
+                   func.coalesce(func.sum(JobItem.bytes_copied), 0))
+            .where(JobItem.job_id.in_(job_ids))
+            .group_by(JobItem.job_id, JobItem.state)
+        ).all()
+        for job_id, state, n, nbytes, copied in rows:
+            by_state, nb = totals[job_id]
+            by_state[ItemState(state).value] = n
+            nb["known"] += int(nbytes)
+            if state in (ItemState.done, ItemState.skipped):
+                nb["done"] += int(nbytes)
+            elif state == ItemState.running:
+                nb["in_flight"] += int(copied)
+    out = {}
+    for jid, (by_state, nb) in totals.items():
+        by_state["total"] = sum(by_state.values())
+        out[jid] = {"items": by_state, "bytes": nb}
+    return out
 
 
 def finish_if_complete(session: Session, job_id: uuid.UUID) -> JobState | None:
@@ -322,8 +331,10 @@ def stalled_expansions(session: Session, *, now: datetime, requeue_after: timede
     ))
 
 
-def running_jobs(session: Session) -> list[uuid.UUID]:
-    return list(session.scalars(select(Job.id).where(Job.state == JobState.running)))
+def finished_running_jobs(session: Session) -> list[uuid.UUID]:
+    """Running jobs none of whose items is open any more (one query, whatever their number)."""
+    open_items = select(JobItem.job_id).where(JobItem.job_id == Job.id, JobItem.state.in_(OPEN_ITEM_STATES))
+    return list(session.scalars(select(Job.id).where(Job.state == JobState.running, ~open_items.exists())))
 
 
 def spans_of(seqs: Sequence[int]) -> list[Span]:

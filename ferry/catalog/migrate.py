@@ -22,6 +22,3 @@ def alembic_config(url: str | None = None) -> Config:
 def upgrade(url: str | None = None, revision: str = "head") -> None:
     command.upgrade(alembic_config(url), revision)
 
-
-def current(url: str | None = None) -> None:
-    command.current(alembic_config(url))

@@ -381,9 +381,5 @@ def beat() -> None:
     sys.exit(group.wait())
 
 
-def main() -> None:  # pragma: no cover
-    cli()
-
-
 if __name__ == "__main__":  # pragma: no cover
     cli()

@@ -188,3 +188,18 @@ def test_heartbeat_reports_progress_and_keeps_the_claims_of_a_long_copy():
                         if r[0] == jid]
             leases = s.scalars(select(JobItem.lease_until).where(JobItem.job_id == jid)).all()
             assert all(lease > utcnow() for lease in leases)
+
+
+def test_counts_of_many_jobs_in_one_query_and_the_sweep_finds_finished_ones():
+    done_job, open_job = new_job(2), new_job(3)
+    with transaction() as s:
+        catalog.claim_items(s, done_job, [(0, 2)], lease=timedelta(minutes=5))
+        catalog.finish_items(s, done_job, [{"seq": 0, "state": ItemState.done, "size": 7},
+                                           {"seq": 1, "state": ItemState.failed, "error": "x"}])
+    with transaction() as s:
+        both = catalog.counts_of(s, [done_job, open_job])
+        assert both[done_job] == catalog.counts(s, done_job)
+        assert both[done_job]["items"]["done"] == 1 and both[done_job]["bytes"]["done"] == 7
+        assert both[open_job]["items"] == {**{st.value: 0 for st in ItemState}, "queued": 3, "total": 3}
+        finished = catalog.finished_running_jobs(s)
+        assert done_job in finished and open_job not in finished
