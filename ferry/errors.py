@@ -58,6 +58,13 @@ class UnknownBackend(InvalidRequest):
     code = "unknown_backend"
 
 
+class InvalidPolicy(InvalidRequest):
+    """Raised when a policy document fails its schema; `field` names the path of the fault."""
+
+    code = "invalid_policy"
+    status = 400
+
+
 class NotFound(FerryError):
     """Raised when a requested resource does not exist."""
 
@@ -75,6 +82,12 @@ class ObjectNotFound(NotFound):
     """Raised when no object in the catalog has the given CID."""
 
     code = "object_not_found"
+
+
+class PolicyNotFound(NotFound):
+    """Raised when no policy has the given name."""
+
+    code = "policy_not_found"
 
 
 class Conflict(FerryError):

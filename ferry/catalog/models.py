@@ -10,6 +10,8 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
+    Float,
     DateTime,
     Enum,
     ForeignKey,
@@ -20,8 +22,13 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     Uuid,
+    text,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Tags and metadata are matched by policies: JSONB on Postgres gives containment (@>).
+Document = JSON().with_variant(JSONB(), "postgresql")
 
 # SQLite only auto-increments INTEGER PRIMARY KEY; Postgres gets a 64-bit identity.
 BigId = BigInteger().with_variant(Integer, "sqlite")
@@ -53,14 +60,23 @@ class ReplicaState(enum.StrEnum):
     copying = "copying"      # a worker is writing it
     present = "present"      # written and verified (hash re-read at verified_at)
     suspect = "suspect"      # a check could not confirm it; to be re-verified
-    bad = "bad"              # failed verification; counts as missing
+    bad = "bad"              # failed verification (hash mismatch); counts as absent
+    missing = "missing"      # verification found nothing at its key; counts as absent
     deleting = "deleting"    # removal decided and under way
     gone = "gone"            # removed from the backend
+
+
+# A replica in these states holds the object's bytes, verified.
+GOOD_REPLICA_STATES = (ReplicaState.present,)
+# In these, Ferry knows the bytes at the key are wrong or gone: repaired from a good replica.
+BROKEN_REPLICA_STATES = (ReplicaState.bad, ReplicaState.missing)
 
 
 class JobKind(enum.StrEnum):
     migrate = "migrate"
     replicate = "replicate"
+    verify = "verify"          # re-hash replicas under a prefix (on demand)
+    reconcile = "reconcile"    # the work one reconcile pass found missing (policies, healing)
 
 
 class JobState(enum.StrEnum):
@@ -88,6 +104,19 @@ class ItemState(enum.StrEnum):
     failed = "failed"
     skipped = "skipped"      # already present and verified at the target
     cancelled = "cancelled"
+    stuck = "stuck"          # reconcile work that kept failing; waits for `ferry policy retry`
+
+
+class ItemAction(enum.StrEnum):
+    copy = "copy"            # source -> dest, verified (a move is a copy, then a delete of the source)
+    delete = "delete"        # remove the replica at dest
+    verify = "verify"        # re-read and re-hash the replica at dest
+
+
+class CheckResult(enum.StrEnum):
+    ok = "ok"
+    bad = "bad"              # bytes differ from the object's sha256
+    missing = "missing"      # nothing at the key
 
 
 OPEN_ITEM_STATES = (ItemState.queued, ItemState.running)
@@ -126,9 +155,15 @@ class StoredObject(Base):
     sha256: Mapped[str] = mapped_column(String(64), index=True)
     size: Mapped[int] = mapped_column(BigInteger)
     media_type: Mapped[str | None] = mapped_column(String(255))
-    meta: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
-    tags: Mapped[list[Any]] = mapped_column(default=list)
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", Document, default=dict)
+    tags: Mapped[list[Any]] = mapped_column(Document, default=list)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # Last read through the API: age-based transitions count from here.
+    last_accessed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Blocks deletion by retention while set.
+    legal_hold: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    # Set when no verified replica is left: nothing of it is deleted, an alert is raised.
+    lost_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     replicas: Mapped[list[Replica]] = relationship(back_populates="object", order_by="Replica.id")
 
@@ -137,7 +172,10 @@ class Replica(Base):
     """One object at one key on one backend, and what Ferry last knew of it."""
 
     __tablename__ = "replicas"
-    __table_args__ = (UniqueConstraint("backend", "key", name="uq_replicas_backend_key"),)
+    __table_args__ = (
+        UniqueConstraint("backend", "key", name="uq_replicas_backend_key"),
+        Index("ix_replicas_state", "state"),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     object_id: Mapped[int] = mapped_column(ForeignKey("objects.id", ondelete="CASCADE"), index=True)
@@ -160,7 +198,8 @@ class Job(Base):
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     kind: Mapped[JobKind] = mapped_column(_enum(JobKind, "job_kind"))
     state: Mapped[JobState] = mapped_column(_enum(JobState, "job_state"), index=True)
-    source_backend: Mapped[str] = mapped_column(String(63))
+    # The backend listed or read from; None for reconcile work, whose items name their sources.
+    source_backend: Mapped[str | None] = mapped_column(String(63))
     # The request as accepted: source keys or prefix, targets, options.
     spec: Mapped[dict[str, Any]] = mapped_column()
     total: Mapped[int | None] = mapped_column(Integer)
@@ -171,20 +210,30 @@ class Job(Base):
 
 
 class JobItem(Base):
-    """One object's work within a job: copy `source_key` to `dest_key` on `dest_backend`.
+    """One object's work within a job: `action` on `dest_key` at `dest_backend` (for a copy,
+    from `source_key` on the item's `source_backend`, else the job's).
 
     Items are numbered 0..n-1 within their job, so a message names a span of items
-    (`seq` from..to) instead of a list of ids.
+    (`seq` from..to) instead of a list of ids. Work goes to `dest_backend`'s queue.
     """
 
     __tablename__ = "job_items"
     __table_args__ = (
         Index("ix_job_items_job_state", "job_id", "state"),
         Index("ix_job_items_state_lease", "state", "lease_until"),
+        # Work in flight or stuck on an object: what a reconcile pass must not enqueue again.
+        Index("ix_job_items_open_object", "object_id", "dest_backend",
+              postgresql_where=text("state IN ('queued', 'running', 'stuck')"),
+              sqlite_where=text("state IN ('queued', 'running', 'stuck')")),
     )
 
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    action: Mapped[ItemAction] = mapped_column(_enum(ItemAction, "item_action"), default=ItemAction.copy,
+                                               server_default=ItemAction.copy.value)
+    source_backend: Mapped[str | None] = mapped_column(String(63))
+    # The policy whose requirement this work serves (None: a user's job, or healing).
+    policy: Mapped[str | None] = mapped_column(String(63))
     source_key: Mapped[str] = mapped_column(String(1024))
     dest_backend: Mapped[str] = mapped_column(String(63))
     dest_key: Mapped[str] = mapped_column(String(1024))
@@ -198,3 +247,65 @@ class JobItem(Base):
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class Policy(Base):
+    """A standing request, authored as YAML; `document` is its current version."""
+
+    __tablename__ = "policies"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    document: Mapped[dict[str, Any]] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # Deleted policies keep their versions; applying the name again revives it.
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Schedule: its work may start at next_run_at; a run stays open from run_started_at
+    # until a pass finds nothing left to do (or its window closes).
+    next_run_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    run_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_pass_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    converged_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class PolicyVersion(Base):
+    """Every version of every policy, as applied."""
+
+    __tablename__ = "policy_versions"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    document: Mapped[dict[str, Any]] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class ReplicaCheck(Base):
+    """One verification of one replica: when, what it found, how many bytes it read."""
+
+    __tablename__ = "replica_checks"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    replica_id: Mapped[int] = mapped_column(ForeignKey("replicas.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, index=True)
+    checked_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    result: Mapped[CheckResult] = mapped_column(_enum(CheckResult, "check_result"))
+    bytes_read: Mapped[int] = mapped_column(BigInteger, default=0)
+    seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class Event(Base):
+    """Something ops must hear of (an object lost, a policy stuck): kept, listed by the API."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+    kind: Mapped[str] = mapped_column(String(63))
+    severity: Mapped[str] = mapped_column(String(16))
+    message: Mapped[str] = mapped_column(Text)
+    cid: Mapped[str | None] = mapped_column(String(128))
+    policy: Mapped[str | None] = mapped_column(String(63))
+    backend: Mapped[str | None] = mapped_column(String(63))
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
