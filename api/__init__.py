@@ -19,7 +19,7 @@ MAX_BODY_BYTES = 32 * 2**20
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
-    from api import backends, health, jobs, objects
+    from api import backends, health, jobs, objects, policies
     from ferry.catalog.db import transaction
     from ferry.catalog.replicas import sync_backends
     from ferry.settings import get_settings
@@ -30,8 +30,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         app.config.update(test_config)
     app.json.sort_keys = False
 
-    for module in (jobs, objects, backends, health):
-        app.register_blueprint(module.bp)
+    for bp in (jobs.bp, objects.bp, backends.bp, policies.bp, policies.events_bp, health.bp):
+        app.register_blueprint(bp)
 
     @app.get("/v1/openapi.json")
     def openapi_document():

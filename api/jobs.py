@@ -15,10 +15,12 @@ from api.schemas import (
     JobList,
     JobListQuery,
     JobOut,
+    VerifyReport,
 )
 from ferry.catalog import jobs as catalog
 from ferry.catalog.db import transaction
-from ferry.catalog.models import Job
+from ferry.catalog.models import Job, JobKind
+from ferry.catalog.replicas import verify_report
 from tasks import jobs as job_tasks
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
@@ -27,13 +29,13 @@ bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 def job_out(job: Job, counts: dict) -> dict:
     spec = job.spec
     return JobOut(
-        id=job.id, kind=job.kind, state=job.state, source=spec["source"], targets=spec["targets"],
+        id=job.id, kind=job.kind, state=job.state, source=spec.get("source", {}), targets=spec.get("targets", []),
         keep_source=spec.get("keep_source", False), total=job.total, error=job.error,
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at, **counts,
     ).model_dump(mode="json")
 
 
-@operation(bp, "", "POST", summary="Submit a migrate or replicate job", body=JobCreate,
+@operation(bp, "", "POST", summary="Submit a migrate, replicate or verify job", body=JobCreate,
            responses={202: JobAccepted})
 def create(body: JobCreate):
     source = body.source.model_dump(exclude_none=True)
@@ -41,9 +43,11 @@ def create(body: JobCreate):
         source["keys"] = len(body.source.keys)  # the items hold the keys; the spec keeps a count
     spec = {"source": source, "targets": [t.model_dump() for t in body.targets],
             "keep_source": body.keep_source}
+    if body.sample is not None:
+        spec["sample"] = body.sample
     request = job_tasks.JobRequest(
-        kind=body.kind, source_backend=body.source.backend, keys=body.source.keys,
-        prefix=body.source.prefix, keep_source=body.keep_source, spec=spec,
+        kind=JobKind(body.kind), source_backend=body.source.backend, keys=body.source.keys,
+        prefix=body.source.prefix, keep_source=body.keep_source, spec=spec, sample=body.sample,
         targets=[job_tasks.Target(t.backend, t.prefix) for t in body.targets])
     job = job_tasks.submit(request)
     url = url_for("jobs.get", job_id=job.id)
@@ -89,3 +93,11 @@ def cancel(job_id: str):
         job = catalog.cancel_job(session, job_id)
         session.flush()
         return jsonify(job_out(job, catalog.counts(session, job.id)))
+
+
+@operation(bp, "/<job_id>/report", "GET", summary="A verify job's findings: checked, bad, missing, healing",
+           responses={200: VerifyReport})
+def report(job_id: str):
+    with transaction() as session:
+        job = catalog.get_job(session, job_id)
+        return jsonify(VerifyReport(**verify_report(session, job.id)).model_dump(mode="json"))

@@ -1,22 +1,93 @@
-"""/v1/objects: an object by CID, with its replicas on every backend."""
+"""/v1/objects: an object by CID with its replicas; its content, streamed from the best
+verified replica and checked while it streams (a read is an access, for age-based
+transitions); its legal hold."""
 
 from __future__ import annotations
 
-from flask import Blueprint, jsonify
+import logging
+
+from flask import Blueprint, Response, jsonify, stream_with_context
+from sqlalchemy import update
 
 from api.openapi import operation
-from api.schemas import ObjectOut, ReplicaOut
+from api.schemas import HoldUpdate, ObjectOut, ReplicaOut
 from ferry.catalog.db import transaction
-from ferry.catalog.replicas import get_object
+from ferry.catalog.models import CheckResult, ReplicaState, StoredObject, utcnow
+from ferry.catalog.replicas import Check, get_object, record_checks
+from ferry.errors import BackendError, NotFound
+from ferry.settings import get_settings
+from workers import registry, transfer
 
+log = logging.getLogger(__name__)
 bp = Blueprint("objects", __name__, url_prefix="/v1/objects")
+
+
+def object_out(obj: StoredObject) -> dict:
+    return ObjectOut(cid=obj.cid, sha256=obj.sha256, size=obj.size, media_type=obj.media_type,
+                     created_at=obj.created_at, last_accessed_at=obj.last_accessed_at,
+                     legal_hold=obj.legal_hold, lost_at=obj.lost_at,
+                     replicas=[ReplicaOut.model_validate(r, from_attributes=True) for r in obj.replicas]
+                     ).model_dump(mode="json")
 
 
 @operation(bp, "/<cid>", "GET", summary="An object and its replicas", responses={200: ObjectOut})
 def get(cid: str):
     with transaction() as session:
+        return jsonify(object_out(get_object(session, cid)))
+
+
+class NoVerifiedReplica(NotFound):
+    """Raised when an object has no verified replica on a configured backend to read from."""
+
+    code = "no_verified_replica"
+
+
+@operation(bp, "/<cid>/content", "GET", summary="The object's bytes, from its best verified replica, "
+           "checked against its sha256 as they stream", responses={200: None, 404: None})
+def content(cid: str):
+    backends = get_settings().backends()
+    with transaction() as session:
         obj = get_object(session, cid)
-        out = ObjectOut(cid=obj.cid, sha256=obj.sha256, size=obj.size, media_type=obj.media_type,
-                        created_at=obj.created_at,
-                        replicas=[ReplicaOut.model_validate(r, from_attributes=True) for r in obj.replicas])
-        return jsonify(out.model_dump(mode="json"))
+        good = sorted((r for r in obj.replicas if r.state == ReplicaState.present and r.backend in backends),
+                      key=lambda r: (r.verified_at is None, -(r.verified_at.timestamp() if r.verified_at else 0)))
+        if not good:
+            raise NoVerifiedReplica(f"object {cid} has no verified replica to read from")
+        obj.last_accessed_at = utcnow()
+        sha, size, media_type = obj.sha256, obj.size, obj.media_type
+        sources = [(r.backend, r.key) for r in good]
+    # Try replicas in order until one opens; a replica that turns out corrupt is marked bad.
+    last_error: BackendError | None = None
+    for backend_name, key in sources:
+        backend = registry.get(backends[backend_name])
+
+        def mark_bad(reason: str, backend_name: str = backend_name, key: str = key) -> None:
+            log.error("object %s: replica %s:%s is corrupt (%s); marked bad", cid, backend_name, key, reason)
+            with transaction() as s:
+                record_checks(s, [Check(backend_name, key, CheckResult.bad, size, 0.0, reason)])
+
+        try:
+            chunks = transfer.verified_stream(backend, key, sha, size, mark_bad)
+            first = next(chunks, b"")  # opens the object: a missing or unreachable replica fails here
+        except BackendError as exc:
+            last_error = exc
+            continue
+
+        def body(first: bytes = first, chunks=chunks):
+            yield first
+            yield from chunks
+
+        headers = {"Content-Length": str(size), "ETag": f'"{cid}"', "X-Ferry-Backend": backend_name}
+        return Response(stream_with_context(body()), mimetype=media_type or "application/octet-stream",
+                        headers=headers)
+    assert last_error is not None
+    raise last_error
+
+
+@operation(bp, "/<cid>/hold", "PUT", summary="Set or release the object's legal hold (blocks retention)",
+           body=HoldUpdate, responses={200: ObjectOut})
+def hold(cid: str, body: HoldUpdate):
+    with transaction() as session:
+        obj = get_object(session, cid)
+        session.execute(update(StoredObject).where(StoredObject.id == obj.id).values(legal_hold=body.hold))
+        session.refresh(obj)
+        return jsonify(object_out(obj))

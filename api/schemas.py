@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -40,10 +40,12 @@ class TargetSpec(Strict):
 
 
 class JobCreate(Strict):
-    kind: JobKind
+    kind: Literal["migrate", "replicate", "verify"]
     source: SourceSpec
-    targets: list[TargetSpec] = Field(min_length=1, max_length=32)
+    targets: list[TargetSpec] = Field([], max_length=32, description="migrate/replicate: where to; verify: none")
     keep_source: bool = Field(False, description="migrate only: keep the source after the copy is verified")
+    sample: float | None = Field(None, gt=0, le=100,
+                                 description="verify only: check this percentage of the keys (chosen by hash)")
 
 
 class JobAccepted(BaseModel):
@@ -59,6 +61,7 @@ class ItemCounts(BaseModel):
     failed: int
     skipped: int
     cancelled: int
+    stuck: int
     total: int
 
 
@@ -95,6 +98,8 @@ class JobListQuery(Strict):
 
 class ItemOut(BaseModel):
     seq: int
+    action: str
+    source_backend: str | None
     source_key: str
     dest_backend: str
     dest_key: str
@@ -131,7 +136,14 @@ class ObjectOut(BaseModel):
     size: int
     media_type: str | None
     created_at: datetime
+    last_accessed_at: datetime | None
+    legal_hold: bool
+    lost_at: datetime | None = Field(description="set when no verified replica is left")
     replicas: list[ReplicaOut]
+
+
+class HoldUpdate(Strict):
+    hold: bool = Field(description="true: retention may not delete the object; false: release")
 
 
 class BackendOut(BaseModel):
@@ -149,3 +161,106 @@ class BackendList(BaseModel):
 class Health(BaseModel):
     status: str
     checks: dict[str, str] = Field(default_factory=dict)
+
+
+class PolicyApply(Strict):
+    """A policy document (docs/policy.schema.json), as YAML text or as a JSON object."""
+
+    yaml: str | None = Field(None, max_length=1_000_000)
+    document: dict[str, Any] | None = None
+
+
+class PolicyOut(BaseModel):
+    name: str
+    version: int
+    changed: bool = Field(False, description="apply only: whether this stored a new version")
+    document: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    next_run_at: datetime | None = Field(description="when scheduled work may next start")
+    run_started_at: datetime | None = Field(description="the open run's start; null when none is open")
+    last_pass_at: datetime | None
+    converged_at: datetime | None
+    versions: list[dict[str, Any]] | None = None
+
+
+class PolicyList(BaseModel):
+    policies: list[PolicyOut]
+
+
+class VerbPlan(BaseModel):
+    objects: int
+    bytes: int
+    backends: dict[str, dict[str, int]]
+
+
+class PolicyPlan(BaseModel):
+    name: str
+    active: bool = Field(description="whether its schedule lets a pass plan this work now")
+    copy_: VerbPlan = Field(alias="copy", serialization_alias="copy")
+    move: VerbPlan
+    delete: VerbPlan
+    verify: VerbPlan
+
+
+class PolicyStatus(BaseModel):
+    name: str
+    matched: int
+    converged: int
+    replicating: int
+    stuck: int
+    bad: int
+    lost: int
+    next_run_at: datetime | None
+    run_started_at: datetime | None
+    last_pass_at: datetime | None
+    converged_at: datetime | None
+
+
+class RetryOut(BaseModel):
+    requeued: int
+
+
+class EventOut(BaseModel):
+    id: int
+    created_at: datetime
+    kind: str
+    severity: str
+    message: str
+    cid: str | None
+    policy: str | None
+    backend: str | None
+    details: dict[str, Any]
+
+
+class EventQuery(Strict):
+    kind: str | None = None
+    cid: str | None = None
+    after: int = Field(0, ge=0)
+    limit: int = Field(100, ge=1, le=1000)
+
+
+class EventList(BaseModel):
+    events: list[EventOut]
+
+
+class Finding(BaseModel):
+    backend: str
+    key: str
+    cid: str
+    result: str = Field(description="bad or missing")
+    error: str | None
+    healing: str = Field(description="scheduled (a good replica exists to repair from), in_progress, healed, "
+                                     "or lost (no good replica left)")
+
+
+class VerifyReport(BaseModel):
+    job_id: uuid.UUID
+    checked: int
+    ok: int
+    bad: int
+    missing: int
+    bytes_read: int
+    healing_scheduled: int
+    lost: int
+    findings: list[Finding] = Field(description="the bad and missing replicas (first 1000)")

@@ -24,7 +24,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from ferry.errors import ConfigError
 
 BACKEND_NAME = r"^[a-z0-9][a-z0-9._-]{0,62}$"
-SECRET_SETTING = re.compile(r"secret|password|token|credential|access_key", re.I)
+SECRET_SETTING = re.compile(r"secret|password|token|credential|access_key", re.IGNORECASE)
 
 
 def _is_reference(value: Any) -> bool:
@@ -40,6 +40,8 @@ class BackendSpec(BaseModel):
     driver: str
     labels: dict[str, str] = Field(default_factory=dict)
     settings: dict[str, Any] = Field(default_factory=dict)
+    # Cap on this backend's work queued or running (default FERRY_MAX_IN_FLIGHT).
+    max_in_flight: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _secrets_by_reference(self) -> BackendSpec:
@@ -88,8 +90,13 @@ class Settings(BaseSettings):
     lease_seconds: int = Field(default=300, ge=1)
     # Queued items whose message may have been lost are sent again after this long.
     requeue_after_seconds: int = Field(default=3600, ge=1)
-    # How often beat runs the job sweeper.
-    sweep_interval_seconds: float = Field(default=30.0, gt=0)
+    # How often beat runs a reconcile pass (re-send lost work, end finished jobs, enforce
+    # policies, heal). Passes never overlap; a late one is skipped.
+    reconcile_interval_seconds: float = Field(default=30.0, gt=0)
+    # A pass reads the catalog in ranges of this many object ids.
+    reconcile_batch_objects: int = Field(default=100_000, ge=100)
+    # Work items queued or running per backend, at most, unless its spec says otherwise.
+    max_in_flight: int = Field(default=10_000, ge=1)
     # Hard limit on one batch task, and the Redis visibility timeout that must exceed it.
     task_time_limit: int = Field(default=3600, ge=10)
     visibility_timeout: int = Field(default=4 * 3600, ge=20)

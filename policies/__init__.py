@@ -1,5 +1,6 @@
-"""Declarative placement policies and the reconciler that keeps them true.
+"""Declarative placement policies.
 
-Arrives with issue 3 (policy schema, selection in SQL, schedules, example YAML). Until
-then, jobs are the only source of desired placement, and tasks/reconcile.py sweeps them.
+`schema.py` is the policy document (pydantic models, durations, sizes, label expressions,
+schedules); selection in SQL and the planner of the reconcile loop sit beside it; `examples/`
+holds documented example policies.
 """

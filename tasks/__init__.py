@@ -2,7 +2,7 @@
 
 - jobs.py       submitting jobs, listing a source prefix into items (`ferry.expand`)
 - transfer.py   copy / move with verification (`ferry.transfer`)
-- reconcile.py  the beat-driven sweep that re-sends lost work and ends finished jobs
+- reconcile.py  the reconcile pass (beat): re-sends lost work, ends jobs, enforces policies, heals
 
 Messages carry ids only; the truth is in the catalog.
 """

@@ -2,7 +2,8 @@
 
 Each backend has its own queue, `backend.<name>`, so its workers scale on their own;
 work on an object goes to the queue of the backend that does the scarce work (the
-destination of a copy, the source of a listing). `ferry.control` carries the sweep.
+destination of a copy, the source of a listing). `ferry.control` carries the reconcile
+pass, which beat sends every FERRY_RECONCILE_INTERVAL_SECONDS.
 """
 
 from __future__ import annotations
@@ -61,11 +62,13 @@ def make_app(settings: Settings | None = None) -> Celery:
         accept_content=["json"],
         task_default_queue=CONTROL_QUEUE,
         task_queues=[_queue(CONTROL_QUEUE)] + [_queue(queue_for(name)) for name in backends],
-        task_routes={"ferry.sweep": {"queue": CONTROL_QUEUE}},
+        task_routes={"ferry.reconcile": {"queue": CONTROL_QUEUE}},
         worker_send_task_events=True,
         task_send_sent_event=True,
         beat_schedule={
-            "sweep-jobs": {"task": "ferry.sweep", "schedule": settings.sweep_interval_seconds},
+            # A pass that could not start before the next is due is dropped, not piled up.
+            "reconcile": {"task": "ferry.reconcile", "schedule": settings.reconcile_interval_seconds,
+                          "options": {"expires": settings.reconcile_interval_seconds}},
         },
         beat_schedule_filename=str(settings.data_path / "celerybeat-schedule"),
     )
@@ -88,6 +91,11 @@ def send_batches(batches: Iterable[Batch]) -> int:
 
 def send_expand(job_id: str, source_backend: str) -> None:
     app.send_task("ferry.expand", args=[job_id], queue=queue_for(source_backend))
+
+
+def send_reconcile() -> None:
+    """Ask for a reconcile pass now (a policy run, a retry, a finished verification)."""
+    app.send_task("ferry.reconcile", queue=CONTROL_QUEUE)
 
 
 def backoff(retries: int, *, base: float = 2.0, cap: float = 300.0) -> float:

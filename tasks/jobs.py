@@ -8,13 +8,14 @@ Messages are sent only after the transaction that created their items commits.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid
 from dataclasses import dataclass, field
 
 from ferry.catalog import jobs as catalog
 from ferry.catalog.db import after_commit, transaction
-from ferry.catalog.models import Job, JobKind, JobState
+from ferry.catalog.models import ItemAction, Job, JobKind, JobState
 from ferry.errors import BackendUnavailable, FerryError, InvalidRequest, UnknownBackend
 from ferry.settings import get_settings
 from tasks.app import app, backoff, send_batches, send_expand
@@ -42,10 +43,25 @@ class JobRequest:
     prefix: str | None = None
     keep_source: bool = False
     spec: dict = field(default_factory=dict)
+    sample: float | None = None  # verify: percent of keys checked, chosen by a hash of the key
 
     def dest_key(self, target: Target, key: str) -> str:
         rel = key[len(self.prefix):] if self.prefix else key
         return target.prefix + rel
+
+    def items(self, keys: list[tuple[str, int | None]]) -> list[catalog.NewItem]:
+        """The items of some source keys (with sizes when known)."""
+        if self.kind == JobKind.verify:
+            return [catalog.NewItem(key, self.source_backend, key, size, action=ItemAction.verify)
+                    for key, size in keys if self.sampled(key)]
+        return [catalog.NewItem(key, t.backend, self.dest_key(t, key), size)
+                for t in self.targets for key, size in keys]
+
+    def sampled(self, key: str) -> bool:
+        if self.sample is None:
+            return True
+        # Deterministic: the same keys are in a 10% sample every time, and in every larger one.
+        return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4]) % 10_000 < self.sample * 100
 
 
 def validate(request: JobRequest) -> None:
@@ -53,7 +69,14 @@ def validate(request: JobRequest) -> None:
     backends = get_settings().backends()
     if request.source_backend not in backends:
         raise UnknownBackend(f"unknown backend {request.source_backend!r}", field="source.backend")
-    if not request.targets:
+    if request.kind == JobKind.verify:
+        if request.targets:
+            raise InvalidRequest("a verify job checks replicas where they are: it has no targets", field="targets")
+        if request.keep_source:
+            raise InvalidRequest("keep_source applies to migrate jobs only", field="keep_source")
+    elif request.sample is not None:
+        raise InvalidRequest("sample applies to verify jobs only", field="sample")
+    elif not request.targets:
         raise InvalidRequest("at least one target is required", field="targets")
     if request.kind == JobKind.migrate and len(request.targets) != 1:
         raise InvalidRequest("a migrate job has exactly one target", field="targets")
@@ -94,8 +117,7 @@ def submit(request: JobRequest) -> Job:
         job = catalog.create_job(session, kind=request.kind, source_backend=request.source_backend,
                                  spec=request.spec, expand=request.prefix is not None)
         if request.keys is not None:
-            items = [catalog.NewItem(key, t.backend, request.dest_key(t, key))
-                     for t in request.targets for key in request.keys]
+            items = request.items([(key, None) for key in request.keys])
             batches = catalog.add_items(session, job.id, 0, items, batch_items=settings.batch_items,
                                         batch_bytes=settings.batch_bytes, fresh=True)
             catalog.mark_expanded(session, job, len(items))
@@ -109,7 +131,7 @@ def submit(request: JobRequest) -> Job:
 def request_from_spec(kind: JobKind, spec: dict) -> JobRequest:
     """The request of a stored prefix job (a key-list job's spec keeps only a key count)."""
     src = spec["source"]
-    return JobRequest(kind=kind, source_backend=src["backend"], keys=None,
+    return JobRequest(kind=kind, source_backend=src["backend"], keys=None, sample=spec.get("sample"),
                       prefix=src.get("prefix"), keep_source=spec.get("keep_source", False),
                       targets=[Target(t["backend"], t.get("prefix", "")) for t in spec["targets"]],
                       spec=spec)
@@ -171,8 +193,9 @@ def _add_page(jid: uuid.UUID, request: JobRequest, seq: int, page: list) -> int:
     if not page:
         return seq
     settings = get_settings()
-    items = [catalog.NewItem(stat.key, t.backend, request.dest_key(t, stat.key), stat.size)
-             for t in request.targets for stat in page]
+    items = request.items([(stat.key, stat.size) for stat in page])
+    if not items:
+        return seq
     with transaction() as session:
         job = catalog.get_job(session, jid, lock=True)
         if job.state != JobState.pending:  # cancelled while listing

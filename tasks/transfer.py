@@ -18,13 +18,29 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from sqlalchemy import select
+
 from ferry.catalog import jobs as catalog
 from ferry.catalog.db import transaction
-from ferry.catalog.models import ItemState, Job, JobKind, ReplicaState
-from ferry.catalog.replicas import ReplicaFact, record, replicas_at
+from ferry.catalog.models import (
+    CheckResult,
+    ItemAction,
+    ItemState,
+    Job,
+    JobKind,
+    ReplicaState,
+    StoredObject,
+)
+from ferry.catalog.replicas import (
+    Check,
+    ReplicaFact,
+    record,
+    record_checks,
+    replicas_at,
+)
 from ferry.errors import BackendUnavailable, FerryError, KeyNotFound, UnknownBackend
 from ferry.settings import get_settings
-from tasks.app import app, backoff
+from tasks.app import app, backoff, send_reconcile
 from workers import registry, transfer
 from workers.base import Backend
 from workers.cid import ContentHasher, Digest
@@ -37,21 +53,29 @@ SMALL_OBJECT = 2**20  # objects up to this size may be copied several at once (F
 @dataclass(frozen=True, slots=True)
 class Item:
     seq: int
+    action: ItemAction
+    source_backend: str | None   # resolved: the item's own, else the job's
     source_key: str
     dest_backend: str
     dest_key: str
     size: int | None
     attempts: int
+    object_id: int | None
+    policy: str | None
 
 
 @dataclass(frozen=True, slots=True)
 class Plan:
     job_id: uuid.UUID
     kind: JobKind
-    source_backend: str
     keep_source: bool
     items: list[Item]
-    known: dict[tuple[str, str], Digest]  # verified replicas the catalog knows, by location
+    # What the catalog knows at the items' locations, in any state: sha256/size to compare
+    # with, and whether the replica there is verified.
+    known: dict[tuple[str, str], Digest]
+    verified: set[tuple[str, str]]
+    objects: dict[int, Digest]      # the objects reconcile items name, by id
+    held: set[int]                  # of those, the ones under legal hold
 
 
 @app.task(name="ferry.transfer", bind=True, max_retries=None)
@@ -69,6 +93,8 @@ def transfer_items(self, job_id: str, spans: list[list[int]]) -> dict[str, int]:
                     job_id, len(run.retry_seqs), countdown)
         raise self.retry(args=[job_id, [list(s) for s in catalog.spans_of(sorted(run.retry_seqs))]],
                          countdown=countdown)
+    if plan.kind == JobKind.verify and run.tally.get("finished_job"):
+        send_reconcile()  # heal what the verification found, now rather than at the next beat
     return run.tally
 
 
@@ -80,15 +106,23 @@ def _claim(job_id: uuid.UUID, spans: list[catalog.Span], lease_seconds: int) -> 
         rows = catalog.claim_items(session, job_id, spans, lease=timedelta(seconds=lease_seconds))
         if not rows:
             return None
-        items = [Item(r.seq, r.source_key, r.dest_backend, r.dest_key, r.size, r.attempts) for r in rows]
-        locations = [(job.source_backend, i.source_key) for i in items]
+        items = [Item(r.seq, ItemAction(r.action), r.source_backend or job.source_backend, r.source_key,
+                      r.dest_backend, r.dest_key, r.size, r.attempts, r.object_id, r.policy) for r in rows]
+        locations = [(i.source_backend, i.source_key) for i in items if i.source_backend]
         locations += [(i.dest_backend, i.dest_key) for i in items]
-        known = {
-            loc: Digest(r.size, r.sha256, r.cid)
-            for loc, r in replicas_at(session, locations).items()
-            if r.state == ReplicaState.present
-        }
-        return Plan(job.id, job.kind, job.source_backend, bool(job.spec.get("keep_source")), items, known)
+        at = replicas_at(session, locations)
+        ids = {i.object_id for i in items if i.object_id is not None}
+        o = StoredObject.__table__.c
+        objects, held = {}, set()
+        for oid, sha, size, cid, hold in session.execute(
+                select(o.id, o.sha256, o.size, o.cid, o.legal_hold).where(o.id.in_(ids))) if ids else ():
+            objects[oid] = Digest(size, sha, cid)
+            if hold:
+                held.add(oid)
+        return Plan(job.id, job.kind, bool(job.spec.get("keep_source")), items,
+                    known={loc: Digest(r.size, r.sha256, r.cid) for loc, r in at.items()},
+                    verified={loc for loc, r in at.items() if r.state == ReplicaState.present},
+                    objects=objects, held=held)
 
 
 class _BatchRun:
@@ -107,12 +141,13 @@ class _BatchRun:
         self.backends: dict[str, Backend] = {}
         self.lock = threading.RLock()  # guards the buffers below, shared with item threads
         self.facts: list[ReplicaFact] = []
+        self.checks: list[Check] = []
         self.outcomes: list[dict[str, Any]] = []
         self.to_delete: list[tuple[Item, Digest, ItemState]] = []
         self.retry_seqs: list[int] = []
         self.open_seqs = {i.seq for i in plan.items}
         self.in_flight: dict[int, ContentHasher] = {}  # copies under way, for progress
-        self.tally = {"done": 0, "skipped": 0, "failed": 0, "retry": 0}
+        self.tally = {"done": 0, "skipped": 0, "failed": 0, "stuck": 0, "retry": 0}
         self.cancelled = False
         self.last_flush = time.monotonic()
 
@@ -137,10 +172,11 @@ class _BatchRun:
             while pending:
                 pending = self._wait(pending)
                 self._maybe_flush()
-        while self.facts or self.outcomes or self.to_delete:
+        while self.facts or self.outcomes or self.to_delete or self.checks:
             self.flush()
         with transaction() as session:
-            catalog.finish_if_complete(session, self.plan.job_id)
+            if catalog.finish_if_complete(session, self.plan.job_id):
+                self.tally["finished_job"] = 1
 
     def _wait(self, pending: set[Future]) -> set[Future]:
         done, pending = wait(pending, timeout=FLUSH_EVERY, return_when=FIRST_COMPLETED)
@@ -163,36 +199,13 @@ class _BatchRun:
             return backend
 
     def _process(self, item: Item) -> None:
-        plan = self.plan
         try:
-            src = self._backend(plan.source_backend)
-            dst = self._backend(item.dest_backend)
-            digest = self._already_there(item, src, dst)
-            state = ItemState.skipped
-            facts = []
-            if digest is None:
-                hasher = ContentHasher()
-                with self.lock:
-                    self.in_flight[item.seq] = hasher
-                try:
-                    digest = transfer.copy(src, item.source_key, dst, item.dest_key, size=item.size, hasher=hasher)
-                finally:
-                    with self.lock:
-                        del self.in_flight[item.seq]
-                transfer.verify(dst, item.dest_key, digest)
-                state = ItemState.done
-                facts.append(self._fact(plan.source_backend, item.source_key, digest, verified=True))
-            facts.append(self._fact(item.dest_backend, item.dest_key, digest, verified=True))
-            with self.lock:
-                self.facts += facts
-                if self.moves:
-                    # The destination is verified; the source goes only after that is committed
-                    # (the deleting fact and the delete travel through the same flush).
-                    self.facts.append(self._fact(plan.source_backend, item.source_key, digest,
-                                                 state=ReplicaState.deleting))
-                    self.to_delete.append((item, digest, state))
-                else:
-                    self._finish(item, state, digest=digest)
+            if item.action == ItemAction.verify:
+                self._verify(item)
+            elif item.action == ItemAction.delete:
+                self._delete(item)
+            else:
+                self._copy(item)
         except BackendUnavailable as exc:
             if item.attempts < self.max_attempts:
                 with self.lock:
@@ -200,19 +213,126 @@ class _BatchRun:
                     self.tally["retry"] += 1
                 self._finish(item, ItemState.queued, error=f"attempt {item.attempts}: {exc.message}")
             else:
-                self._finish(item, ItemState.failed, error=f"gave up after {item.attempts} attempts: {exc.message}")
+                self._finish(item, self._failed, error=f"gave up after {item.attempts} attempts: {exc.message}")
         except FerryError as exc:  # KeyNotFound, ChecksumMismatch, ...: the message names backend and key
-            self._finish(item, ItemState.failed, error=exc.message)
+            self._finish(item, self._failed, error=exc.message)
         except Exception as exc:  # a bug or an unmapped driver error: fail the item, keep the batch going
-            log.exception("job %s item %d failed unexpectedly", plan.job_id, item.seq)
-            self._finish(item, ItemState.failed, error=f"internal error: {type(exc).__name__}: {exc}")
+            log.exception("job %s item %d failed unexpectedly", self.plan.job_id, item.seq)
+            self._finish(item, self._failed, error=f"internal error: {type(exc).__name__}: {exc}")
+
+    @property
+    def _failed(self) -> ItemState:
+        """Reconcile work that keeps failing is `stuck`: no pass plans it again until retried."""
+        return ItemState.stuck if self.plan.kind == JobKind.reconcile else ItemState.failed
+
+    def _expected(self, item: Item, backend: str, key: str) -> Digest | None:
+        if item.object_id is not None and item.object_id in self.plan.objects:
+            return self.plan.objects[item.object_id]
+        return self.plan.known.get((backend, key))
+
+    def _copy(self, item: Item) -> None:
+        plan = self.plan
+        assert item.source_backend is not None
+        src = self._backend(item.source_backend)
+        dst = self._backend(item.dest_backend)
+        expected = self._expected(item, item.source_backend, item.source_key)
+        digest = self._already_there(item, src, dst)
+        state = ItemState.skipped
+        facts = []
+        if digest is None:
+            hasher = ContentHasher()
+            with self.lock:
+                self.in_flight[item.seq] = hasher
+            try:
+                digest = transfer.copy(src, item.source_key, dst, item.dest_key, size=item.size, hasher=hasher)
+            except KeyNotFound as exc:
+                if expected is not None:  # the catalog had it there: that replica is missing
+                    self._check(item.source_backend, item.source_key, CheckResult.missing, 0, str(exc.message))
+                raise
+            finally:
+                with self.lock:
+                    del self.in_flight[item.seq]
+            if expected is not None and digest.sha256 != expected.sha256:
+                # The source's bytes are not the object's: it is bad. What was written from it
+                # is removed, never recorded, and the item fails so the next pass copies from a
+                # good replica instead.
+                self._check(item.source_backend, item.source_key, CheckResult.bad, digest.size,
+                            f"sha256 {digest.sha256} read while copying, expected {expected.sha256}")
+                if (item.dest_backend, item.dest_key) not in plan.known:
+                    dst.delete(item.dest_key)
+                self._finish(item, ItemState.failed, error=(
+                    f"source {item.source_backend}:{item.source_key} is corrupt (sha256 mismatch); "
+                    "not copied, it will be copied from a good replica"))
+                return
+            transfer.verify(dst, item.dest_key, digest)
+            state = ItemState.done
+            facts.append(self._fact(item.source_backend, item.source_key, digest, verified=True))
+        facts.append(self._fact(item.dest_backend, item.dest_key, digest, verified=True))
+        with self.lock:
+            self.facts += facts
+            if self.moves:
+                # The destination is verified; the source goes only after that is committed
+                # (the deleting fact and the delete travel through the same flush).
+                self.facts.append(self._fact(item.source_backend, item.source_key, digest,
+                                             state=ReplicaState.deleting))
+                self.to_delete.append((item, digest, state))
+            else:
+                self._finish(item, state, digest=digest)
+
+    def _delete(self, item: Item) -> None:
+        """Remove the replica at dest. A delete that relies on a kept replica (a transition's
+        source) happens only while that replica is still verified; retention yields to a hold."""
+        plan = self.plan
+        if item.source_backend and (item.source_backend, item.source_key) not in plan.verified:
+            self._finish(item, ItemState.skipped, error=(
+                f"not deleted: the replica it relies on, {item.source_backend}:{item.source_key}, "
+                "is no longer verified"))
+            return
+        if not item.source_backend and item.object_id in plan.held:
+            self._finish(item, ItemState.skipped, error="not deleted: the object is under legal hold")
+            return
+        digest = self._expected(item, item.dest_backend, item.dest_key)
+        self._backend(item.dest_backend).delete(item.dest_key)
+        if digest is not None:
+            with self.lock:
+                self.facts.append(self._fact(item.dest_backend, item.dest_key, digest, state=ReplicaState.gone))
+        self._finish(item, ItemState.done, digest=digest)
+
+    def _verify(self, item: Item) -> None:
+        expected = self._expected(item, item.dest_backend, item.dest_key)
+        if expected is None:
+            self._finish(item, ItemState.failed, error=(
+                f"{item.dest_backend}:{item.dest_key} is not in the catalog: nothing to verify it against"))
+            return
+        started = time.monotonic()
+        try:
+            ok, nbytes = transfer.check(self._backend(item.dest_backend), item.dest_key,
+                                        expected.sha256, expected.size)
+        except KeyNotFound as exc:
+            self._check(item.dest_backend, item.dest_key, CheckResult.missing, 0, exc.message, started)
+            self._finish(item, ItemState.done, digest=expected)
+            return
+        error = None if ok else f"sha256/size differ from the object's ({expected.sha256}, {expected.size} B)"
+        self._check(item.dest_backend, item.dest_key, CheckResult.ok if ok else CheckResult.bad, nbytes, error,
+                    started)
+        self._finish(item, ItemState.done, digest=expected)
+
+    def _check(self, backend: str, key: str, result: CheckResult, nbytes: int, error: str | None,
+               started: float | None = None) -> None:
+        seconds = time.monotonic() - started if started is not None else 0.0
+        if result != CheckResult.ok:
+            log.warning("%s:%s is %s: %s", backend, key, result.value, error)
+        with self.lock:
+            self.checks.append(Check(backend, key, result, nbytes, seconds, error, self.plan.job_id))
 
     def _already_there(self, item: Item, src: Backend, dst: Backend) -> Digest | None:
         """The digest if the catalog knows the same verified object at both ends and both
         still have its size; else None (copy it)."""
-        have = self.plan.known.get((self.plan.source_backend, item.source_key))
-        there = self.plan.known.get((item.dest_backend, item.dest_key))
-        if have is None or there is None or have.cid != there.cid:
+        source, dest = (item.source_backend, item.source_key), (item.dest_backend, item.dest_key)
+        if source not in self.plan.verified or dest not in self.plan.verified:
+            return None
+        have, there = self.plan.known[source], self.plan.known[dest]
+        if have.cid != there.cid:
             return None
         try:
             if dst.stat(item.dest_key).size != there.size:
@@ -233,17 +353,18 @@ class _BatchRun:
             self.outcomes.append({"seq": item.seq, "state": state, "error": error,
                                   "size": digest.size if digest else item.size,
                                   "cid": digest.cid if digest else None})
-            if state in (ItemState.done, ItemState.skipped, ItemState.failed):
+            if state in (ItemState.done, ItemState.skipped, ItemState.failed, ItemState.stuck):
                 self.tally[state.value] += 1
 
     def flush(self) -> None:
-        """Commit buffered facts and outcomes; then delete the sources whose copies that
-        commit made durable, and buffer their outcomes for the next flush."""
+        """Commit buffered facts, checks and outcomes; then delete the sources whose copies
+        that commit made durable, and buffer their outcomes for the next flush."""
         with self.lock:
-            facts, outcomes, deletes = self.facts, self.outcomes, self.to_delete
-            self.facts, self.outcomes, self.to_delete = [], [], []
+            facts, outcomes, deletes, checks = self.facts, self.outcomes, self.to_delete, self.checks
+            self.facts, self.outcomes, self.to_delete, self.checks = [], [], [], []
         with transaction() as session:
             ids = record(session, facts)
+            record_checks(session, checks)
             for o in outcomes:
                 o["object_id"] = ids.get(o.pop("cid", None) or "")
             catalog.finish_items(session, self.plan.job_id, outcomes)
@@ -256,7 +377,8 @@ class _BatchRun:
         self.last_flush = time.monotonic()
 
     def _delete_source(self, item: Item, digest: Digest, state: ItemState) -> None:
-        src_name = self.plan.source_backend
+        src_name = item.source_backend
+        assert src_name is not None
         try:
             self._backend(src_name).delete(item.source_key)
         except FerryError as exc:

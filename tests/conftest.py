@@ -89,7 +89,11 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 def write_backends(path: Path, disks: Path, s3_endpoint: str | None = None, bucket: str | None = None) -> None:
     backends = [
-        {"name": "local", "driver": "local", "labels": {"tier": "hot"}, "settings": {"root": str(disks / "local")}},
+        {"name": "local", "driver": "local", "labels": {"tier": "hot", "zone": "a"},
+         "settings": {"root": str(disks / "local")}},
+        # A second hot disk in another failure domain, for placement spread over zones.
+        {"name": "mirror", "driver": "local", "labels": {"tier": "hot", "zone": "b"},
+         "settings": {"root": str(disks / "mirror")}},
         {"name": "archive", "driver": "local", "labels": {"tier": "cold"},
          "settings": {"root": str(disks / "archive")}},
     ]

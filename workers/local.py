@@ -28,8 +28,22 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import ClassVar
 
-from ferry.errors import BackendError, BackendUnavailable, FerryError, InvalidKey, KeyNotFound
-from workers.base import CHUNK_SIZE, Backend, ChunkReader, DriverConfig, ObjectStat, check_key, check_prefix
+from ferry.errors import (
+    BackendError,
+    BackendUnavailable,
+    FerryError,
+    InvalidKey,
+    KeyNotFound,
+)
+from workers.base import (
+    CHUNK_SIZE,
+    Backend,
+    ChunkReader,
+    DriverConfig,
+    ObjectStat,
+    check_key,
+    check_prefix,
+)
 
 TMP_PREFIX = ".ferry-tmp-"
 

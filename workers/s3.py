@@ -37,8 +37,22 @@ from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from ferry.errors import BackendError, BackendUnavailable, FerryError, InvalidKey, KeyNotFound
-from workers.base import CHUNK_SIZE, Backend, ChunkReader, DriverConfig, ObjectStat, check_key, check_prefix
+from ferry.errors import (
+    BackendError,
+    BackendUnavailable,
+    FerryError,
+    InvalidKey,
+    KeyNotFound,
+)
+from workers.base import (
+    CHUNK_SIZE,
+    Backend,
+    ChunkReader,
+    DriverConfig,
+    ObjectStat,
+    check_key,
+    check_prefix,
+)
 
 log = logging.getLogger(__name__)
 

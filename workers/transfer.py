@@ -8,7 +8,7 @@ writer as they come.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from ferry.errors import ChecksumMismatch
 from workers.base import Backend
@@ -54,3 +54,40 @@ def verify(backend: Backend, key: str, expected: Digest) -> None:
             f"{backend.name}:{key}: read back sha256 {sha.hexdigest()} ({size} B), "
             f"expected {expected.sha256} ({expected.size} B)"
         )
+
+
+def check(backend: Backend, key: str, expected_sha256: str, expected_size: int) -> tuple[bool, int]:
+    """Scrub: re-read `key` in full, streaming, and compare with the expected sha256 and
+    size. Returns (matches, bytes read). Raises KeyNotFound if nothing is at the key.
+
+    Only sha256 is computed (the CID follows from the same bytes): this is the loop whose
+    speed bench/reconcile.py compares with sha256sum.
+    """
+    sha = hashlib.sha256()
+    size = 0
+    for chunk in backend.read(key):
+        sha.update(chunk)
+        size += len(chunk)
+    return (size == expected_size and sha.hexdigest() == expected_sha256), size
+
+
+def verified_stream(backend: Backend, key: str, expected_sha256: str, expected_size: int,
+                    on_mismatch: Callable[[str], None]) -> Iterator[bytes]:
+    """The bytes at `key`, hashed as they stream. The last chunk is held back until the
+    whole object is hashed: if it does not match, `on_mismatch(reason)` is called and
+    ChecksumMismatch raised instead, so a reader never receives a complete corrupt object."""
+    sha = hashlib.sha256()
+    size = 0
+    held: bytes | None = None
+    for chunk in backend.read(key):
+        sha.update(chunk)
+        size += len(chunk)
+        if held is not None:
+            yield held
+        held = chunk
+    if size != expected_size or sha.hexdigest() != expected_sha256:
+        reason = f"read sha256 {sha.hexdigest()} ({size} B), expected {expected_sha256} ({expected_size} B)"
+        on_mismatch(reason)
+        raise ChecksumMismatch(f"{backend.name}:{key}: {reason}")
+    if held is not None:
+        yield held

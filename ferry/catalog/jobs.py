@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from ferry.catalog.db import dialect_insert
 from ferry.catalog.models import (
     OPEN_ITEM_STATES,
+    ItemAction,
     ItemState,
     Job,
     JobItem,
@@ -44,9 +45,13 @@ class NewItem:
     dest_backend: str
     dest_key: str
     size: int | None = None
+    action: ItemAction = ItemAction.copy
+    source_backend: str | None = None   # None: the job's source backend
+    object_id: int | None = None        # known when the work is planned from the catalog
+    policy: str | None = None
 
 
-def create_job(session: Session, *, kind: JobKind, source_backend: str, spec: dict[str, Any],
+def create_job(session: Session, *, kind: JobKind, source_backend: str | None, spec: dict[str, Any],
                expand: bool) -> Job:
     """Store a job. With `expand`, its items come later from listing the source."""
     now = utcnow()
@@ -72,7 +77,8 @@ def add_items(session: Session, job_id: uuid.UUID, first_seq: int, items: Sequen
     rows = [
         {"job_id": job_id, "seq": first_seq + i, "source_key": it.source_key,
          "dest_backend": it.dest_backend, "dest_key": it.dest_key, "state": ItemState.queued.value,
-         "attempts": 0, "size": it.size, "enqueued_at": now, "updated_at": now}
+         "attempts": 0, "size": it.size, "enqueued_at": now, "updated_at": now, "action": it.action.value,
+         "source_backend": it.source_backend, "object_id": it.object_id, "policy": it.policy}
         for i, it in enumerate(items)
     ]
     if fresh and session.get_bind().dialect.name == "postgresql":
@@ -84,7 +90,7 @@ def add_items(session: Session, job_id: uuid.UUID, first_seq: int, items: Sequen
 
 
 _COPY_COLUMNS = ("job_id", "seq", "source_key", "dest_backend", "dest_key", "state", "attempts", "size",
-                 "enqueued_at", "updated_at")
+                 "enqueued_at", "updated_at", "action", "source_backend", "object_id", "policy")
 
 
 def _copy_rows(session: Session, rows: list[dict[str, Any]]) -> None:
@@ -151,7 +157,8 @@ def _spans_clause(spans: Iterable[Span]) -> Any:
 def claim_items(session: Session, job_id: uuid.UUID, spans: Sequence[Span], *,
                 lease: timedelta) -> list[Any]:
     """Take the items of `spans` that are queued, or running under an expired lease;
-    return them (seq, source_key, dest_backend, dest_key, size, attempts) in seq order.
+    return them (seq, action, source_backend, source_key, dest_backend, dest_key, size,
+    attempts, object_id, policy) in seq order.
 
     Items already finished, or held by a live worker, are left alone: delivering the
     same message twice does the work once.
@@ -166,8 +173,9 @@ def claim_items(session: Session, job_id: uuid.UUID, spans: Sequence[Span], *,
         .where(JobItem.job_id == job_id, _spans_clause(spans), claimable)
         .values(state=ItemState.running, attempts=JobItem.attempts + 1,
                 lease_until=now + lease, updated_at=now, bytes_copied=None)
-        .returning(JobItem.seq, JobItem.source_key, JobItem.dest_backend, JobItem.dest_key,
-                   JobItem.size, JobItem.attempts)
+        .returning(JobItem.seq, JobItem.action, JobItem.source_backend, JobItem.source_key,
+                   JobItem.dest_backend, JobItem.dest_key, JobItem.size, JobItem.attempts,
+                   JobItem.object_id, JobItem.policy)
         .execution_options(synchronize_session=False)
     ).all()
     return sorted(rows, key=lambda r: r.seq)
@@ -202,7 +210,7 @@ def finish_items(session: Session, job_id: uuid.UUID, outcomes: Sequence[dict[st
         # One statement over arrays instead of one per item: this runs for every batch.
         session.execute(text(
             "UPDATE job_items AS j SET state = v.state, error = v.error, size = v.size, "
-            "object_id = v.object_id, lease_until = NULL, bytes_copied = NULL, updated_at = :now, "
+            "object_id = COALESCE(v.object_id, j.object_id), lease_until = NULL, bytes_copied = NULL, updated_at = :now, "
             "enqueued_at = CASE WHEN v.state = 'queued' THEN CAST(:now AS timestamptz) END "
             "FROM unnest(CAST(:seqs AS integer[]), CAST(:states AS text[]), CAST(:errors AS text[]), "
             "CAST(:sizes AS bigint[]), CAST(:objects AS bigint[])) AS v(seq, state, error, size, object_id) "
@@ -218,7 +226,7 @@ def finish_items(session: Session, job_id: uuid.UUID, outcomes: Sequence[dict[st
         .where(t.c.job_id == bindparam("b_job"), t.c.seq == bindparam("b_seq"),
                t.c.state == ItemState.running.value)
         .values(state=bindparam("b_state"), error=bindparam("b_error"), size=bindparam("b_size"),
-                object_id=bindparam("b_object"), lease_until=None, bytes_copied=None, updated_at=now,
+                object_id=func.coalesce(bindparam("b_object"), t.c.object_id), lease_until=None, bytes_copied=None, updated_at=now,
                 enqueued_at=bindparam("b_enqueued"))
     )
     session.connection().execute(stmt, [
@@ -272,7 +280,7 @@ def finish_if_complete(session: Session, job_id: uuid.UUID) -> JobState | None:
         return None
     c = counts(session, job_id)["items"]
     ok = c["done"] + c["skipped"]
-    if c["failed"] == 0:
+    if c["failed"] + c["stuck"] == 0:
         job.state = JobState.succeeded
     elif ok == 0:
         job.state = JobState.failed
@@ -346,3 +354,26 @@ def spans_of(seqs: Sequence[int]) -> list[Span]:
         else:
             spans.append((s, s + 1))
     return spans
+
+
+def retry_stuck(session: Session, *, policy: str | None) -> list[Batch]:
+    """Put stuck items (of one policy's work, or all) back in the queue with fresh attempts;
+    reopen their jobs; return the batches to send."""
+    now = utcnow()
+    where = [JobItem.state == ItemState.stuck]
+    if policy is not None:
+        where.append(JobItem.policy == policy)
+    rows = session.execute(
+        update(JobItem).where(*where)
+        .values(state=ItemState.queued, attempts=0, error=None, enqueued_at=now, updated_at=now)
+        .returning(JobItem.job_id, JobItem.seq, JobItem.dest_backend)
+        .execution_options(synchronize_session=False)
+    ).all()
+    by_dest: dict[tuple[uuid.UUID, str], list[int]] = {}
+    for job_id, seq, backend in sorted(rows):
+        by_dest.setdefault((job_id, backend), []).append(seq)
+    if rows:
+        session.execute(update(Job).where(Job.id.in_({r[0] for r in rows}))
+                        .values(state=JobState.running, finished_at=None)
+                        .execution_options(synchronize_session=False))
+    return [Batch(job_id, backend, spans_of(seqs)) for (job_id, backend), seqs in by_dest.items()]

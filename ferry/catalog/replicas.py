@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Row, select, text
+from sqlalchemy import Row, bindparam, func, select, text, update
 from sqlalchemy.orm import Session, selectinload
 
 from ferry.catalog.db import dialect_insert
-from ferry.catalog.models import Backend, Replica, ReplicaState, StoredObject, utcnow
+from ferry.catalog.models import (
+    Backend,
+    CheckResult,
+    Replica,
+    ReplicaCheck,
+    ReplicaState,
+    StoredObject,
+    utcnow,
+)
 from ferry.errors import ObjectNotFound
 from ferry.settings import BackendSpec
 
@@ -26,6 +35,23 @@ class ReplicaFact:
     size: int
     verified: bool = False
     error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """The outcome of re-reading one replica."""
+
+    backend: str
+    key: str
+    result: CheckResult
+    bytes_read: int
+    seconds: float
+    error: str | None = None
+    job_id: uuid.UUID | None = None
+
+
+CHECK_STATE = {CheckResult.ok: ReplicaState.present, CheckResult.bad: ReplicaState.bad,
+               CheckResult.missing: ReplicaState.missing}
 
 
 def sync_backends(session: Session, specs: Mapping[str, BackendSpec]) -> None:
@@ -141,3 +167,68 @@ def get_object(session: Session, cid: str) -> StoredObject:
         raise ObjectNotFound(f"no object with CID {cid!r} in the catalog")
     return obj
 
+
+
+def record_checks(session: Session, checks: Sequence[Check]) -> int:
+    """Store verification outcomes: one `replica_checks` row each, and the replica's state
+    (`present` and verified now, `bad` or `missing`). Returns how many replicas matched."""
+    if not checks:
+        return 0
+    now = utcnow()
+    r = Replica.__table__.c
+    ids: dict[tuple[str, str], int] = {}
+    by_backend: dict[str, list[str]] = {}
+    for c in checks:
+        by_backend.setdefault(c.backend, []).append(c.key)
+    for backend, keys in by_backend.items():
+        for i in range(0, len(keys), 1000):
+            for rid, key in session.execute(select(r.id, r.key).where(r.backend == backend,
+                                                                       r.key.in_(keys[i:i + 1000]))):
+                ids[(backend, key)] = rid
+    found = [c for c in checks if (c.backend, c.key) in ids]
+    if not found:
+        return 0
+    session.connection().execute(
+        update(Replica.__table__).where(r.id == bindparam("b_id"))
+        .values(state=bindparam("b_state"), last_error=bindparam("b_error"), updated_at=now,
+                verified_at=func.coalesce(bindparam("b_verified"), r.verified_at)),
+        [{"b_id": ids[(c.backend, c.key)], "b_state": CHECK_STATE[c.result].value, "b_error": c.error,
+          "b_verified": now if c.result == CheckResult.ok else None} for c in found])
+    session.execute(ReplicaCheck.__table__.insert(), [
+        {"replica_id": ids[(c.backend, c.key)], "job_id": c.job_id, "checked_at": now, "result": c.result.value,
+         "bytes_read": c.bytes_read, "seconds": c.seconds, "error": c.error} for c in found])
+    return len(found)
+
+
+def verify_report(session: Session, job_id: uuid.UUID) -> dict:
+    """What a verify job found: counts by result, and each bad or missing replica with
+    what healing can do for it."""
+    from ferry.catalog.models import ItemAction, ItemState, JobItem
+
+    c, r, o = ReplicaCheck.__table__.c, Replica.__table__.c, StoredObject.__table__.c
+    counts = {res.value: 0 for res in CheckResult}
+    nbytes = 0
+    for result, n, b in session.execute(select(c.result, func.count(), func.coalesce(func.sum(c.bytes_read), 0))
+                                        .where(c.job_id == job_id).group_by(c.result)):
+        counts[CheckResult(result).value] = n
+        nbytes += int(b)
+    good = select(1).select_from(Replica.__table__.alias("g")).where(
+        text("g.object_id = replicas.object_id AND g.state = 'present'")).exists()
+    i = JobItem.__table__.c
+    repairing = select(1).select_from(JobItem.__table__).where(
+        i.object_id == r.object_id, i.dest_backend == r.backend, i.action == ItemAction.copy.value,
+        i.state.in_([ItemState.queued.value, ItemState.running.value])).exists()
+    findings = []
+    for backend, key, cid, result, error, lost, has_good, in_progress, state in session.execute(
+            select(r.backend, r.key, o.cid, c.result, c.error, o.lost_at.is_not(None), good, repairing, r.state)
+            .select_from(ReplicaCheck.__table__.join(Replica.__table__, r.id == c.replica_id)
+                         .join(StoredObject.__table__, o.id == r.object_id))
+            .where(c.job_id == job_id, c.result != CheckResult.ok.value).order_by(c.id).limit(1000)):
+        healing = ("healed" if state == ReplicaState.present.value else "in_progress" if in_progress
+                   else "lost" if lost or not has_good else "scheduled")
+        findings.append({"backend": backend, "key": key, "cid": cid, "result": result, "error": error,
+                         "healing": healing})
+    return {"job_id": job_id, "checked": sum(counts.values()), "ok": counts["ok"], "bad": counts["bad"],
+            "missing": counts["missing"], "bytes_read": nbytes,
+            "healing_scheduled": sum(1 for f in findings if f["healing"] in ("scheduled", "in_progress", "healed")),
+            "lost": sum(1 for f in findings if f["healing"] == "lost"), "findings": findings}

@@ -13,7 +13,14 @@ from urllib.parse import urlparse
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from ferry.cli.client import ApiError, ApiUnreachable, Client
@@ -381,5 +388,6 @@ def beat() -> None:
     sys.exit(group.wait())
 
 
-if __name__ == "__main__":  # pragma: no cover
-    cli()
+# Policy, verify, object and events commands live beside this module; importing it
+# registers them on `cli`.
+from ferry.cli import policy as _policy_commands  # noqa: E402, F401

@@ -33,7 +33,7 @@ def test_sigkilled_worker_loses_nothing(test_env, disks, s3_server, s3_backend):
     # Short leases and a fast sweep, so a dead worker's items come back within seconds:
     # claimed items when their lease expires, and batches it had prefetched but not
     # started (unacknowledged in Redis until the visibility timeout) after requeue_after.
-    env = {"FERRY_LEASE_SECONDS": "3", "FERRY_SWEEP_INTERVAL_SECONDS": "1", "FERRY_BATCH_ITEMS": "10",
+    env = {"FERRY_LEASE_SECONDS": "3", "FERRY_RECONCILE_INTERVAL_SECONDS": "1", "FERRY_BATCH_ITEMS": "10",
            "FERRY_REQUEUE_AFTER_SECONDS": "8"}
     cluster = Cluster(test_env["tmp"] / "logs" / "crash", env=env)
     try:

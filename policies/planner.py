@@ -1,0 +1,402 @@
+"""The difference between what policies require and what is stored, as SQL.
+
+Each function here builds one set-based query over a range of object ids and returns
+the work it finds as `Work` rows: copies to reach a placement, deletes of what a
+transition left behind or retention expired, verifications that are due, repairs of
+bad and missing replicas. Nothing here loops over objects in Python; the reconcile pass
+(tasks/reconcile.py) runs these queries batch by batch in one transaction, inserts the
+rows as job items (so the next query sees them as work in flight) and sends them.
+
+The rules the queries keep:
+- only a verified (`present`) replica counts, and only it is ever read from;
+- at most one open or stuck work item per object and backend: work in flight is not
+  planned twice, and a pass over a converged catalog finds nothing;
+- a replica is deleted only when its replacements are verified and no policy that
+  matches the object still wants its backend (`protected`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    Integer,
+    Select,
+    and_,
+    case,
+    exists,
+    func,
+    literal,
+    null,
+    or_,
+    select,
+    union,
+)
+from sqlalchemy.orm import Session
+
+from ferry.catalog.models import (
+    BROKEN_REPLICA_STATES,
+    ItemAction,
+    ItemState,
+    JobItem,
+    Replica,
+    ReplicaState,
+    StoredObject,
+)
+from policies.schema import Policy
+from policies.selection import Stages, matches
+
+OBJ = StoredObject.__table__.c
+REP = Replica.__table__.c
+ITEM = JobItem.__table__.c
+
+BLOCKING_ITEM_STATES = (ItemState.queued.value, ItemState.running.value, ItemState.stuck.value)
+PRESENT = ReplicaState.present.value
+GONE_OR_GOING = (ReplicaState.gone.value, ReplicaState.deleting.value)
+
+
+@dataclass(frozen=True, slots=True)
+class Work:
+    """One item of work a pass found missing."""
+
+    action: ItemAction
+    object_id: int
+    size: int
+    dest_backend: str
+    dest_key: str
+    source_backend: str | None = None   # copy: read from here; delete: the verified replica kept
+    source_key: str | None = None
+    policy: str | None = None
+    reason: str = ""                    # placement, transition, max, retention, verify, repair
+
+
+def _blocked(object_id: ColumnElement, backend: ColumnElement) -> ColumnElement[bool]:
+    """Work on this object and backend is already open or stuck."""
+    return exists(select(1).select_from(JobItem.__table__).where(
+        ITEM.object_id == object_id, ITEM.dest_backend == backend, ITEM.state.in_(BLOCKING_ITEM_STATES)))
+
+
+def _best_source(ids: Any) -> Any:
+    """Per object, its most recently verified good replica (pref = 1)."""
+    return (
+        select(REP.object_id, REP.backend, REP.key,
+               func.row_number().over(partition_by=REP.object_id,
+                                      order_by=(REP.verified_at.desc(), REP.backend)).label("pref"))
+        .where(REP.state == PRESENT, REP.object_id.in_(select(ids)))
+        .cte("src")
+    )
+
+
+class PolicyQueries:
+    """The queries of one policy over one range of object ids."""
+
+    def __init__(self, policy: Policy, backend_labels: dict[str, dict[str, Any]], dialect: str, now: datetime):
+        self.policy = policy
+        self.dialect = dialect
+        self.now = now
+        self.stages = Stages(policy, backend_labels, now) if policy.placement else None
+
+    def matched(self, lo: int, hi: int, *extra: ColumnElement[bool]) -> Any:
+        stage = self.stages.stage_of() if self.stages else literal(0, Integer)
+        return (
+            select(OBJ.id, OBJ.size, stage.label("stage"))
+            .where(OBJ.id >= lo, OBJ.id < hi, OBJ.lost_at.is_(None), matches(self.policy, self.dialect, self.now), *extra)
+            .cte("m")
+        )
+
+    def _want(self, stage: ColumnElement[int]) -> ColumnElement[int]:
+        """Replicas wanted in a stage: `desired`, or fewer if fewer failure domains exist."""
+        assert self.stages is not None
+        desired = self.policy.placement.replicas.desired
+        domains = self.stages.domain_counts()
+        return case(*[(stage == k, min(desired, n)) for k, n in domains.items()], else_=0)
+
+    def copies(self, lo: int, hi: int) -> Select | None:
+        """Copies that bring each matched object up to its stage's wanted replicas."""
+        if self.stages is None:
+            return None
+        sb = self.stages.table("sb")
+        if sb is None:
+            return None
+        m = self.matched(lo, hi)
+        present = (select(m.c.id, sb.c.domain)
+                   .select_from(m.join(Replica.__table__, REP.object_id == m.c.id)
+                                .join(sb, and_(sb.c.stage == m.c.stage, sb.c.backend == REP.backend)))
+                   .where(REP.state == PRESENT))
+        in_flight = (select(m.c.id, sb.c.domain)
+                     .select_from(m.join(JobItem.__table__, ITEM.object_id == m.c.id)
+                                  .join(sb, and_(sb.c.stage == m.c.stage, sb.c.backend == ITEM.dest_backend)))
+                     .where(ITEM.action == ItemAction.copy.value, ITEM.state.in_(BLOCKING_ITEM_STATES)))
+        cur = union(present, in_flight).cte("cur")  # distinct (object, domain) held or coming
+        have = select(cur.c.id, func.count().label("n")).group_by(cur.c.id).cte("have")
+        n = func.coalesce(have.c.n, 0)
+        want = self._want(m.c.stage)
+        need = (select(m.c.id, m.c.size, m.c.stage, (want - n).label("k"))
+                .select_from(m.outerjoin(have, have.c.id == m.c.id)).where(n < want).cte("need"))
+        nb = max(len(st.backends) for st in self.stages.stages) or 1
+        nd = max(self.stages.domain_counts().values()) or 1
+        cand = (
+            select(need.c.id, need.c.size, need.c.k, need.c.stage, sb.c.backend, sb.c.drank,
+                   func.row_number().over(partition_by=(need.c.id, sb.c.domain),
+                                          order_by=(need.c.id + sb.c.brank) % nb).label("in_domain"))
+            .select_from(need.join(sb, sb.c.stage == need.c.stage))
+            .where(~exists(select(1).select_from(cur).where(cur.c.id == need.c.id, cur.c.domain == sb.c.domain)),
+                   ~_blocked(need.c.id, sb.c.backend))
+            .cte("cand")
+        )
+        pick = (
+            select(cand.c.id, cand.c.size, cand.c.k, cand.c.stage, cand.c.backend,
+                   func.row_number().over(partition_by=cand.c.id, order_by=(cand.c.id + cand.c.drank) % nd)
+                   .label("nth"))
+            .where(cand.c.in_domain == 1)
+            .cte("pick")
+        )
+        src = _best_source(need.c.id)
+        other = Replica.__table__.alias("other")
+        return (
+            select(literal(ItemAction.copy.value).label("action"), pick.c.id.label("object_id"), pick.c.size,
+                   pick.c.backend.label("dest_backend"), src.c.key.label("dest_key"),
+                   src.c.backend.label("source_backend"), src.c.key.label("source_key"),
+                   case((pick.c.stage > 0, "transition"), else_="placement").label("reason"))
+            .select_from(pick.join(src, and_(src.c.object_id == pick.c.id, src.c.pref == 1)))
+            .where(pick.c.nth <= pick.c.k,
+                   # never write over another object's replica at the same key
+                   ~exists(select(1).select_from(other).where(
+                       other.c.backend == pick.c.backend, other.c.key == src.c.key,
+                       other.c.object_id != pick.c.id, other.c.state.not_in(GONE_OR_GOING))))
+        )
+
+    def verifications(self, lo: int, hi: int) -> Select | None:
+        """Replicas of matched objects whose last verification is older than the interval."""
+        if self.policy.verification is None:
+            return None
+        m = self.matched(lo, hi)
+        due = self.now - self.policy.verification.every
+        return (
+            select(literal(ItemAction.verify.value).label("action"), REP.object_id, m.c.size,
+                   REP.backend.label("dest_backend"), REP.key.label("dest_key"),
+                   null().label("source_backend"), null().label("source_key"), literal("verify").label("reason"))
+            .select_from(m.join(Replica.__table__, REP.object_id == m.c.id))
+            .where(REP.state == PRESENT, or_(REP.verified_at.is_(None), REP.verified_at < due),
+                   ~_blocked(REP.object_id, REP.backend))
+        )
+
+    def surplus(self, lo: int, hi: int) -> Select | None:
+        """Replicas a transition left behind (on an earlier stage's backends, not the
+        current one's), of objects whose current stage holds all its wanted replicas,
+        verified, with nothing in flight. Each names the verified replica it relies on."""
+        if self.stages is None or not self.policy.transitions:
+            return None
+        sb = self.stages.table("sb")
+        if sb is None:
+            return None
+        m = self.matched(lo, hi, self.stages.stage_of() > 0)
+        held = (select(m.c.id, func.count(func.distinct(sb.c.domain)).label("n"))
+                .select_from(m.join(Replica.__table__, REP.object_id == m.c.id)
+                             .join(sb, and_(sb.c.stage == m.c.stage, sb.c.backend == REP.backend)))
+                .where(REP.state == PRESENT).group_by(m.c.id).cte("held"))
+        ready = (select(m.c.id, m.c.size, m.c.stage).select_from(m.join(held, held.c.id == m.c.id))
+                 .where(held.c.n >= self._want(m.c.stage),
+                        ~exists(select(1).select_from(JobItem.__table__).where(
+                            ITEM.object_id == m.c.id, ITEM.action == ItemAction.copy.value,
+                            ITEM.state.in_(BLOCKING_ITEM_STATES))))
+                 .cte("ready"))
+        kept = (select(REP.object_id, REP.backend, REP.key,
+                       func.row_number().over(partition_by=REP.object_id, order_by=REP.backend).label("pref"))
+                .select_from(ready.join(Replica.__table__, REP.object_id == ready.c.id)
+                             .join(sb, and_(sb.c.stage == ready.c.stage, sb.c.backend == REP.backend)))
+                .where(REP.state == PRESENT).cte("kept"))
+        earlier = select(sb.c.backend).where(sb.c.stage < ready.c.stage)
+        current = select(sb.c.backend).where(sb.c.stage == ready.c.stage)
+        return (
+            select(literal(ItemAction.delete.value).label("action"), REP.object_id, ready.c.size,
+                   REP.backend.label("dest_backend"), REP.key.label("dest_key"),
+                   kept.c.backend.label("source_backend"), kept.c.key.label("source_key"),
+                   literal("transition").label("reason"))
+            .select_from(ready.join(Replica.__table__, REP.object_id == ready.c.id)
+                         .join(kept, and_(kept.c.object_id == ready.c.id, kept.c.pref == 1)))
+            .where(REP.backend.in_(earlier), REP.backend.not_in(current), REP.state.not_in(GONE_OR_GOING),
+                   ~_blocked(REP.object_id, REP.backend))
+        )
+
+    def expired(self, lo: int, hi: int) -> Select | None:
+        """Every replica of matched objects older than retention, unless under legal hold."""
+        if self.policy.retention is None:
+            return None
+        cutoff = self.now - self.policy.retention.delete_after
+        m = self.matched(lo, hi, OBJ.created_at <= cutoff, OBJ.legal_hold.is_(False))
+        return (
+            select(literal(ItemAction.delete.value).label("action"), REP.object_id, m.c.size,
+                   REP.backend.label("dest_backend"), REP.key.label("dest_key"),
+                   null().label("source_backend"), null().label("source_key"), literal("retention").label("reason"))
+            .select_from(m.join(Replica.__table__, REP.object_id == m.c.id))
+            .where(REP.state.not_in(GONE_OR_GOING), ~_blocked(REP.object_id, REP.backend))
+        )
+
+    def wanted(self, object_ids: Sequence[int]) -> Select | None:
+        """(object, backend) pairs this policy still needs, among `object_ids`: the backends
+        of each matched object's current stage, unless its retention has expired."""
+        if self.stages is None:
+            return None
+        sb = self.stages.table("sb")
+        if sb is None:
+            return None
+        extra = [OBJ.id.in_(object_ids)]
+        if self.policy.retention is not None:
+            extra.append(or_(OBJ.created_at > self.now - self.policy.retention.delete_after, OBJ.legal_hold.is_(True)))
+        stage = self.stages.stage_of()
+        return (select(OBJ.id, sb.c.backend)
+                .select_from(StoredObject.__table__.join(sb, sb.c.stage == stage))
+                .where(matches(self.policy, self.dialect, self.now), *extra))
+
+
+def repairs(lo: int, hi: int) -> Select:
+    """Bad and missing replicas, rewritten at the same key from a verified good replica
+    (never from themselves). Not tied to any policy, and never held back by a schedule."""
+    broken = [s.value for s in BROKEN_REPLICA_STATES]
+    ids = select(REP.object_id).where(REP.state.in_(broken), REP.object_id >= lo, REP.object_id < hi)
+    src = _best_source(ids.subquery().c.object_id)
+    return (
+        select(literal(ItemAction.copy.value).label("action"), REP.object_id, OBJ.size,
+               REP.backend.label("dest_backend"), REP.key.label("dest_key"),
+               src.c.backend.label("source_backend"), src.c.key.label("source_key"),
+               literal("repair").label("reason"))
+        .select_from(Replica.__table__.join(StoredObject.__table__, OBJ.id == REP.object_id)
+                     .join(src, and_(src.c.object_id == REP.object_id, src.c.pref == 1)))
+        .where(REP.state.in_(broken), REP.object_id >= lo, REP.object_id < hi, ~_blocked(REP.object_id, REP.backend))
+    )
+
+
+def suspects(lo: int, hi: int) -> Select:
+    """Replicas a check could not confirm: verified again, whatever the schedule."""
+    return (
+        select(literal(ItemAction.verify.value).label("action"), REP.object_id, OBJ.size,
+               REP.backend.label("dest_backend"), REP.key.label("dest_key"),
+               null().label("source_backend"), null().label("source_key"), literal("verify").label("reason"))
+        .select_from(Replica.__table__.join(StoredObject.__table__, OBJ.id == REP.object_id))
+        .where(REP.state == ReplicaState.suspect.value, REP.object_id >= lo, REP.object_id < hi,
+               ~_blocked(REP.object_id, REP.backend))
+    )
+
+
+def newly_lost(lo: int, hi: int) -> Select:
+    """Objects not yet marked lost with no verified replica left but a bad or missing one,
+    and no copy in flight: nothing is left to repair them from."""
+    broken = [s.value for s in BROKEN_REPLICA_STATES]
+    return (
+        select(OBJ.id, OBJ.cid)
+        .where(OBJ.id >= lo, OBJ.id < hi, OBJ.lost_at.is_(None),
+               exists(select(1).select_from(Replica.__table__).where(REP.object_id == OBJ.id, REP.state.in_(broken))),
+               ~exists(select(1).select_from(Replica.__table__).where(REP.object_id == OBJ.id, REP.state == PRESENT)),
+               ~exists(select(1).select_from(JobItem.__table__).where(
+                   ITEM.object_id == OBJ.id, ITEM.action == ItemAction.copy.value,
+                   ITEM.state.in_((ItemState.queued.value, ItemState.running.value)))))
+    )
+
+
+def found_again(lo: int, hi: int) -> Select:
+    """Objects marked lost that have a verified replica again (restored by hand, say)."""
+    return select(OBJ.id).where(
+        OBJ.id >= lo, OBJ.id < hi, OBJ.lost_at.is_not(None),
+        exists(select(1).select_from(Replica.__table__).where(REP.object_id == OBJ.id, REP.state == PRESENT)))
+
+
+def rows(session: Session, query: Select | None, *, limit: int | None = None,
+         policy: str | None = None) -> list[Work]:
+    if query is None or limit == 0:
+        return []
+    if limit is not None:
+        query = query.limit(limit)
+    return [Work(ItemAction(r.action), r.object_id, r.size, r.dest_backend, r.dest_key, r.source_backend,
+                 r.source_key, policy, r.reason) for r in session.execute(query)]
+
+
+def protected(session: Session, queries: Iterable[PolicyQueries], work: Sequence[Work]) -> set[tuple[int, str]]:
+    """Of the deletes in `work`, the (object, backend) pairs some policy still wants."""
+    ids = sorted({w.object_id for w in work})
+    keep: set[tuple[int, str]] = set()
+    for q in queries:
+        for i in range(0, len(ids), 1000):
+            query = q.wanted(ids[i:i + 1000])
+            if query is not None:
+                keep.update((oid, backend) for oid, backend in session.execute(query))
+    return keep
+
+
+def id_range(session: Session) -> tuple[int, int]:
+    lo, hi = session.execute(select(func.min(OBJ.id), func.max(OBJ.id))).one()
+    return (lo or 0), (hi or -1) + 1
+
+
+def status(session: Session, q: PolicyQueries) -> dict[str, int]:
+    """How the objects a policy matches stand: one aggregate query over the catalog."""
+    stage = q.stages.stage_of() if q.stages else literal(0, Integer)
+    m = (select(OBJ.id, OBJ.lost_at, stage.label("stage"))
+         .where(matches(q.policy, q.dialect, q.now)).cte("m"))
+    broken = [s.value for s in BROKEN_REPLICA_STATES]
+    has_broken = exists(select(1).select_from(Replica.__table__).where(REP.object_id == m.c.id,
+                                                                       REP.state.in_(broken)))
+
+    def items_in(*states: str) -> ColumnElement[bool]:
+        return exists(select(1).select_from(JobItem.__table__).where(ITEM.object_id == m.c.id,
+                                                                     ITEM.state.in_(states)))
+
+    ok = and_(m.c.lost_at.is_(None), ~has_broken)
+    sb = q.stages.table("sb") if q.stages else None
+    if sb is not None:
+        held = (select(func.count(func.distinct(sb.c.domain)))
+                .select_from(Replica.__table__.join(sb, sb.c.backend == REP.backend))
+                .where(REP.object_id == m.c.id, REP.state == PRESENT, sb.c.stage == m.c.stage)
+                .scalar_subquery())
+        ok = and_(ok, held >= q._want(m.c.stage))
+
+    def count(cond: ColumnElement[bool]) -> Any:
+        return func.coalesce(func.sum(case((cond, 1), else_=0)), 0)
+
+    row = session.execute(select(
+        func.count().label("matched"),
+        count(ok).label("converged"),
+        count(items_in(ItemState.queued.value, ItemState.running.value)).label("replicating"),
+        count(items_in(ItemState.stuck.value)).label("stuck"),
+        count(and_(has_broken, m.c.lost_at.is_(None))).label("bad"),
+        count(m.c.lost_at.is_not(None)).label("lost"),
+    ).select_from(m)).one()
+    return {k: int(v) for k, v in row._mapping.items()}
+
+
+def plan(session: Session, q: PolicyQueries, every: Sequence[PolicyQueries], batch: int) -> dict[str, Any]:
+    """What a run of the policy would enqueue now, without enqueueing it: objects and bytes
+    to copy, move, delete and verify, by backend. Work already in flight is not counted."""
+    out: dict[str, Any] = {verb: {"objects": 0, "bytes": 0, "backends": {}}
+                           for verb in ("copy", "move", "delete", "verify")}
+
+    def add(verb: str, backend: str, n: int, nbytes: int) -> None:
+        out[verb]["objects"] += n
+        out[verb]["bytes"] += nbytes
+        per = out[verb]["backends"].setdefault(backend, {"objects": 0, "bytes": 0})
+        per["objects"] += n
+        per["bytes"] += nbytes
+
+    lo, hi = id_range(session)
+    for start in range(lo, hi, batch):
+        end = min(hi, start + batch)
+        for query in (q.copies(start, end), q.verifications(start, end)):
+            if query is None:
+                continue
+            sub = query.subquery()
+            for action, reason, backend, n, nbytes in session.execute(
+                    select(sub.c.action, sub.c.reason, sub.c.dest_backend, func.count(),
+                           func.coalesce(func.sum(sub.c.size), 0))
+                    .group_by(sub.c.action, sub.c.reason, sub.c.dest_backend)):
+                verb = "move" if reason == "transition" else "verify" if action == "verify" else "copy"
+                add(verb, backend, n, int(nbytes))
+        deletes = rows(session, q.surplus(start, end)) + rows(session, q.expired(start, end))
+        keep = protected(session, every, deletes)
+        for d in deletes:
+            if (d.object_id, d.dest_backend) not in keep:
+                add("delete", d.dest_backend, 1, d.size)
+    return out
