@@ -27,7 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.sql import Subquery
 
-from ferry.catalog.models import Replica, ReplicaState, StoredObject
+from ferry.catalog.models import Replica, StoredObject
 from policies.schema import LabelExpr, Policy
 
 OBJ = StoredObject.__table__.c
@@ -58,7 +58,8 @@ def matches(policy: Policy, dialect: str, now: datetime) -> ColumnElement[bool]:
                 want: Any = int(value) if isinstance(value, bool) else value
                 clauses.append(func.json_extract(OBJ.metadata, path) == want)
     if s.backend is not None or s.prefix:
-        where = [REP.object_id == OBJ.id, REP.state.not_in([ReplicaState.gone.value, ReplicaState.deleting.value])]
+        # Where the object is or was stored: a policy keeps governing what it moved away.
+        where = [REP.object_id == OBJ.id]
         if s.backend is not None:
             where.append(REP.backend == s.backend)
         if s.prefix:

@@ -11,16 +11,27 @@ from __future__ import annotations
 import hashlib
 import logging
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+
+from sqlalchemy import select
 
 from ferry.catalog import jobs as catalog
 from ferry.catalog.db import after_commit, transaction
-from ferry.catalog.models import ItemAction, Job, JobKind, JobState
+from ferry.catalog.models import (
+    ItemAction,
+    Job,
+    JobKind,
+    JobState,
+    Replica,
+    ReplicaState,
+    StoredObject,
+)
 from ferry.errors import BackendUnavailable, FerryError, InvalidRequest, UnknownBackend
 from ferry.settings import get_settings
 from tasks.app import app, backoff, send_batches, send_expand
 from workers import registry
-from workers.base import check_key, check_prefix
+from workers.base import ObjectStat, check_key, check_prefix
 
 log = logging.getLogger(__name__)
 PAGE = 1000
@@ -151,10 +162,13 @@ def expand(self, job_id: str) -> dict:
         spec = settings.backends().get(request.source_backend)
         if spec is None:
             raise UnknownBackend(f"backend {request.source_backend!r} is no longer configured")
-        source = registry.get(spec)
+        # A verify job checks what the catalog says is there (so a vanished object is found
+        # missing); other jobs take what the source lists.
+        listing = (_catalogued(request.source_backend, request.prefix or "") if request.kind == JobKind.verify
+                   else registry.get(spec).list(request.prefix or ""))
         seq = 0
         page = []
-        for stat in source.list(request.prefix or ""):
+        for stat in listing:
             page.append(stat)
             if len(page) == PAGE:
                 seq = _add_page(jid, request, seq, page)
@@ -180,6 +194,26 @@ def expand(self, job_id: str) -> dict:
                 session.flush()
                 catalog.finish_if_complete(session, jid)
     return {"items": seq}
+
+
+def _catalogued(backend: str, prefix: str) -> Iterator[ObjectStat]:
+    """The catalogued replicas on `backend` under `prefix` (not deleted), in key order,
+    read a page per transaction."""
+    after = None
+    like = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    while True:
+        with transaction() as session:
+            q = (select(Replica.key, StoredObject.size).join(StoredObject, StoredObject.id == Replica.object_id)
+                 .where(Replica.backend == backend, Replica.key.like(like, escape="\\"),
+                        Replica.state.not_in([ReplicaState.gone, ReplicaState.deleting]))
+                 .order_by(Replica.key).limit(PAGE))
+            if after is not None:
+                q = q.where(Replica.key > after)
+            rows = session.execute(q).all()
+        yield from (ObjectStat(key, size) for key, size in rows)
+        if len(rows) < PAGE:
+            return
+        after = rows[-1][0]
 
 
 def _fail(jid: uuid.UUID, reason: str) -> None:
