@@ -107,7 +107,7 @@ def write_backends(path: Path, disks: Path, s3_endpoint: str | None = None, buck
         })
         # An S3 backend whose service is down: nothing listens on port 9.
         backends.append({
-            "name": "s3-down", "driver": "s3",
+            "name": "s3-down", "driver": "s3", "labels": {"tier": "broken"},
             "settings": {"bucket": "nowhere", "endpoint_url": "http://127.0.0.1:9",
                          "access_key_id": {"env": "AWS_ACCESS_KEY_ID"},
                          "secret_access_key": {"env": "AWS_SECRET_ACCESS_KEY"},

@@ -60,7 +60,7 @@ def test_migrate_local_to_s3_then_replicate_back(api, disks, s3_server):
     assert job["state"] == "succeeded", job
     assert job["total"] == N_OBJECTS
     assert job["items"] == {"queued": 0, "running": 0, "done": N_OBJECTS, "failed": 0, "skipped": 0,
-                            "cancelled": 0, "total": N_OBJECTS}
+                            "cancelled": 0, "stuck": 0, "total": N_OBJECTS}
     assert job["bytes"] == {"done": total_bytes, "known": total_bytes, "in_flight": 0}
 
     # Every source is gone, every byte arrived.

@@ -5,6 +5,7 @@ deletes its policy, so the passes of one test never act on another's objects."""
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ import yaml
 from sqlalchemy import select
 
 from ferry.catalog.db import transaction
-from ferry.catalog.models import Replica, StoredObject
+from ferry.catalog.models import JobItem, Replica, StoredObject
 from tasks.reconcile import run_pass
 from tests.fixtures.cluster import Cluster, wait_job
 
@@ -257,3 +258,54 @@ def test_an_invalid_policy_gets_a_400_naming_the_field(api, cluster, tmp_path):
     assert err["code"] == "invalid_policy" and err["field"] == "placement.replicas.desired"
     assert "more than max" in err["message"]
     assert api.get("/v1/policies/bad").status_code == 404
+
+
+def test_the_cli_applies_plans_reports_and_names_the_faulty_field(api, cluster, disks, tmp_path):
+    from tests.e2e.test_cli import ferry
+
+    ingest(api, disks, "ph/", 3)
+    doc = tmp_path / "ph.yaml"
+    doc.write_text(yaml.safe_dump(two_hot("cli-h", "ph/") | {"schedule": "manual"}))
+    try:
+        r = ferry(cluster, "policy", "apply", "-f", str(doc))
+        assert r.returncode == 0 and "version 1" in r.stdout, r.stderr
+        r = ferry(cluster, "policy", "plan", "cli-h", "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["copy"]["objects"] == 3  # manual: nothing runs until `policy run`
+        r = ferry(cluster, "policy", "run", "cli-h")
+        assert r.returncode == 0, r.stderr
+        wait_for("the run to converge", lambda: status(api, "cli-h")["converged"] == 3)
+        r = ferry(cluster, "policy", "status", "cli-h")
+        assert r.returncode == 0 and "3" in r.stdout
+        r = ferry(cluster, "verify", "mirror:ph/")
+        assert r.returncode == 0 and "3 ok, 0 bad, 0 missing" in r.stdout, r.stdout + r.stderr
+        (disks / "mirror" / "ph/f000.bin").write_bytes(b"x")
+        r = ferry(cluster, "verify", "mirror:ph/")
+        assert r.returncode == 1 and "1 bad" in r.stdout, r.stdout + r.stderr
+    finally:
+        ferry(cluster, "policy", "delete", "cli-h")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad-cli\nplacement:\n  replicas: {min: 2, desired: 4, max: 3}\n")
+    r = ferry(cluster, "policy", "apply", "-f", str(bad))
+    assert r.returncode == 2
+    assert "placement.replicas.desired" in r.stderr and "more than max" in r.stderr
+    r = ferry(cluster, "policy", "apply", "-f", str(tmp_path / "nope.yaml"))
+    assert r.returncode == 2 and "cannot read" in r.stderr
+
+
+def test_work_that_keeps_failing_becomes_stuck_with_its_reason_and_retry_requeues_it(api, policy, disks):
+    ingest(api, disks, "pi/", 1)
+    policy({"name": "broken-i", "selector": {"backend": "local", "prefix": "pi/"},
+            "placement": {"backends": "tier=broken", "replicas": 1}})
+    wait_for("the copy to be stuck", lambda: status(api, "broken-i")["stuck"] == 1, timeout=120)
+    with transaction() as s:
+        item = s.execute(select(JobItem.state, JobItem.error, JobItem.attempts)
+                         .where(JobItem.policy == "broken-i")).one()
+    assert item.state.value == "stuck" and "gave up after 2 attempts" in item.error and "s3-down" in item.error
+    quiet_pass()
+    with transaction() as s:  # stuck work is not planned again
+        assert len(s.execute(select(JobItem.seq).where(JobItem.policy == "broken-i")).all()) == 1
+    r = api.post("/v1/policies/broken-i/retry")
+    assert r.status_code == 200 and r.json() == {"requeued": 1}
+    wait_for("the retried copy to be stuck again", lambda: status(api, "broken-i")["stuck"] == 1
+             and status(api, "broken-i")["replicating"] == 0, timeout=120)

@@ -22,7 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from ferry.errors import BackendError, BackendUnavailable, ConfigError, InvalidKey, KeyNotFound
+from ferry.errors import (
+    BackendError,
+    BackendUnavailable,
+    ConfigError,
+    InvalidKey,
+    KeyNotFound,
+)
 from ferry.settings import BackendSpec
 from workers import registry
 from workers.base import Backend, ObjectStat

@@ -10,7 +10,15 @@ from sqlalchemy import select
 
 from ferry.catalog import jobs as catalog
 from ferry.catalog.db import after_commit, transaction
-from ferry.catalog.models import ItemState, Job, JobItem, JobKind, JobState, ReplicaState, utcnow
+from ferry.catalog.models import (
+    ItemState,
+    Job,
+    JobItem,
+    JobKind,
+    JobState,
+    ReplicaState,
+    utcnow,
+)
 from ferry.catalog.replicas import ReplicaFact, record, replicas_at
 
 
