@@ -11,8 +11,8 @@ The rules the queries keep:
 - only a verified (`present`) replica counts, and only it is ever read from;
 - at most one open or stuck work item per object and backend: work in flight is not
   planned twice, and a pass over a converged catalog finds nothing;
-- a replica is deleted only when its replacements are verified and no policy that
-  matches the object still wants its backend (`protected`).
+- a replica is deleted only when its replacements are verified and no other policy
+  that matches the object still wants its backend (`protected`).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from sqlalchemy import (
     or_,
     select,
     union,
+    union_all,
 )
 from sqlalchemy.orm import Session
 
@@ -108,15 +109,17 @@ class PolicyQueries:
             .cte("m")
         )
 
-    def _want(self, stage: ColumnElement[int]) -> ColumnElement[int]:
-        """Replicas wanted in a stage: `desired`, or fewer if fewer failure domains exist."""
+    def _want(self, stage: ColumnElement[int], count: int | None = None) -> ColumnElement[int]:
+        """Replicas wanted in a stage: `desired` (or `count`), fewer if fewer failure domains exist."""
         assert self.stages is not None
-        desired = self.policy.placement.replicas.desired
+        wanted = self.policy.placement.replicas.desired if count is None else count
         domains = self.stages.domain_counts()
-        return case(*[(stage == k, min(desired, n)) for k, n in domains.items()], else_=0)
+        return case(*[(stage == k, min(wanted, n)) for k, n in domains.items()], else_=0)
 
-    def copies(self, lo: int, hi: int) -> Select | None:
-        """Copies that bring each matched object up to its stage's wanted replicas."""
+    def copies(self, lo: int, hi: int, *, urgent_only: bool = False) -> Select | None:
+        """Copies that bring each matched object up to its stage's wanted replicas; with
+        `urgent_only`, only up to `min` (what a pass does outside the policy's window: an
+        object below its minimum is at risk, and that is never held back)."""
         if self.stages is None:
             return None
         sb = self.stages.table("sb")
@@ -134,7 +137,7 @@ class PolicyQueries:
         cur = union(present, in_flight).cte("cur")  # distinct (object, domain) held or coming
         have = select(cur.c.id, func.count().label("n")).group_by(cur.c.id).cte("have")
         n = func.coalesce(have.c.n, 0)
-        want = self._want(m.c.stage)
+        want = self._want(m.c.stage, self.policy.placement.replicas.min if urgent_only else None)
         need = (select(m.c.id, m.c.size, m.c.stage, (want - n).label("k"))
                 .select_from(m.outerjoin(have, have.c.id == m.c.id)).where(n < want).cte("need"))
         nb = max(len(st.backends) for st in self.stages.stages) or 1
@@ -186,42 +189,57 @@ class PolicyQueries:
         )
 
     def surplus(self, lo: int, hi: int) -> Select | None:
-        """Replicas a transition left behind (on an earlier stage's backends, not the
-        current one's), of objects whose current stage holds all its wanted replicas,
-        verified, with nothing in flight. Each names the verified replica it relies on."""
-        if self.stages is None or not self.policy.transitions:
+        """Replicas to delete because a transition left them behind (on an earlier stage's
+        backends, not the current one's) or because the current stage holds more than `max`,
+        of objects whose current stage holds all its wanted replicas, verified, with no copy
+        in flight. Each names a verified replica it relies on, which the worker re-checks."""
+        if self.stages is None:
             return None
         sb = self.stages.table("sb")
         if sb is None:
             return None
-        m = self.matched(lo, hi, self.stages.stage_of() > 0)
-        held = (select(m.c.id, func.count(func.distinct(sb.c.domain)).label("n"))
-                .select_from(m.join(Replica.__table__, REP.object_id == m.c.id)
-                             .join(sb, and_(sb.c.stage == m.c.stage, sb.c.backend == REP.backend)))
-                .where(REP.state == PRESENT).group_by(m.c.id).cte("held"))
-        ready = (select(m.c.id, m.c.size, m.c.stage).select_from(m.join(held, held.c.id == m.c.id))
+        m = self.matched(lo, hi)
+        placed = (select(REP.object_id, REP.backend, REP.key, m.c.stage, m.c.size,
+                         func.row_number().over(partition_by=(REP.object_id, sb.c.domain),
+                                                order_by=(REP.verified_at.desc(), REP.backend)).label("dr"),
+                         sb.c.drank)
+                  .select_from(m.join(Replica.__table__, REP.object_id == m.c.id)
+                               .join(sb, and_(sb.c.stage == m.c.stage, sb.c.backend == REP.backend)))
+                  .where(REP.state == PRESENT).cte("placed"))
+        held = (select(placed.c.object_id, func.count(func.distinct(placed.c.drank)).label("n"))
+                .group_by(placed.c.object_id).cte("held"))
+        ready = (select(m.c.id, m.c.size, m.c.stage).select_from(m.join(held, held.c.object_id == m.c.id))
                  .where(held.c.n >= self._want(m.c.stage),
                         ~exists(select(1).select_from(JobItem.__table__).where(
                             ITEM.object_id == m.c.id, ITEM.action == ItemAction.copy.value,
                             ITEM.state.in_(BLOCKING_ITEM_STATES))))
                  .cte("ready"))
-        kept = (select(REP.object_id, REP.backend, REP.key,
-                       func.row_number().over(partition_by=REP.object_id, order_by=REP.backend).label("pref"))
-                .select_from(ready.join(Replica.__table__, REP.object_id == ready.c.id)
-                             .join(sb, and_(sb.c.stage == ready.c.stage, sb.c.backend == REP.backend)))
-                .where(REP.state == PRESENT).cte("kept"))
-        earlier = select(sb.c.backend).where(sb.c.stage < ready.c.stage)
-        current = select(sb.c.backend).where(sb.c.stage == ready.c.stage)
-        return (
-            select(literal(ItemAction.delete.value).label("action"), REP.object_id, ready.c.size,
-                   REP.backend.label("dest_backend"), REP.key.label("dest_key"),
-                   kept.c.backend.label("source_backend"), kept.c.key.label("source_key"),
-                   literal("transition").label("reason"))
-            .select_from(ready.join(Replica.__table__, REP.object_id == ready.c.id)
-                         .join(kept, and_(kept.c.object_id == ready.c.id, kept.c.pref == 1)))
-            .where(REP.backend.in_(earlier), REP.backend.not_in(current), REP.state.not_in(GONE_OR_GOING),
-                   ~_blocked(REP.object_id, REP.backend))
-        )
+        # Rank the current stage's verified replicas: one per failure domain first, so the
+        # ones kept under `max` keep the spread.
+        ranked = (select(placed.c.object_id, placed.c.backend, placed.c.key,
+                         func.row_number().over(partition_by=placed.c.object_id,
+                                                order_by=(placed.c.dr, placed.c.drank)).label("rank"))
+                  .cte("ranked"))
+        kept = ranked.alias("kept")
+        base = (select(literal(ItemAction.delete.value).label("action"), REP.object_id, ready.c.size,
+                       REP.backend.label("dest_backend"), REP.key.label("dest_key"),
+                       kept.c.backend.label("source_backend"), kept.c.key.label("source_key")))
+        joined = (ready.join(Replica.__table__, REP.object_id == ready.c.id)
+                  .join(kept, and_(kept.c.object_id == ready.c.id, kept.c.rank == 1)))
+        queries = []
+        if self.policy.transitions:
+            earlier = select(sb.c.backend).where(sb.c.stage < ready.c.stage)
+            current = select(sb.c.backend).where(sb.c.stage == ready.c.stage)
+            queries.append(base.add_columns(literal("transition").label("reason")).select_from(joined)
+                           .where(ready.c.stage > 0, REP.backend.in_(earlier), REP.backend.not_in(current),
+                                  REP.state.not_in(GONE_OR_GOING), ~_blocked(REP.object_id, REP.backend)))
+        cap = self.policy.placement.replicas.max
+        queries.append(base.add_columns(literal("max").label("reason"))
+                       .select_from(joined.join(ranked, and_(ranked.c.object_id == REP.object_id,
+                                                             ranked.c.backend == REP.backend,
+                                                             ranked.c.key == REP.key)))
+                       .where(ranked.c.rank > cap, ~_blocked(REP.object_id, REP.backend)))
+        return queries[0] if len(queries) == 1 else union_all(*queries)
 
     def expired(self, lo: int, hi: int) -> Select | None:
         """Every replica of matched objects older than retention, unless under legal hold."""
@@ -368,7 +386,7 @@ def status(session: Session, q: PolicyQueries) -> dict[str, int]:
     return {k: int(v) for k, v in row._mapping.items()}
 
 
-def plan(session: Session, q: PolicyQueries, every: Sequence[PolicyQueries], batch: int) -> dict[str, Any]:
+def plan(session: Session, q: PolicyQueries, others: Sequence[PolicyQueries], batch: int) -> dict[str, Any]:
     """What a run of the policy would enqueue now, without enqueueing it: objects and bytes
     to copy, move, delete and verify, by backend. Work already in flight is not counted."""
     out: dict[str, Any] = {verb: {"objects": 0, "bytes": 0, "backends": {}}
@@ -395,7 +413,7 @@ def plan(session: Session, q: PolicyQueries, every: Sequence[PolicyQueries], bat
                 verb = "move" if reason == "transition" else "verify" if action == "verify" else "copy"
                 add(verb, backend, n, int(nbytes))
         deletes = rows(session, q.surplus(start, end)) + rows(session, q.expired(start, end))
-        keep = protected(session, every, deletes)
+        keep = protected(session, others, deletes)
         for d in deletes:
             if (d.object_id, d.dest_backend) not in keep:
                 add("delete", d.dest_backend, 1, d.size)

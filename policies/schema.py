@@ -454,7 +454,7 @@ class Policy(_Model):
     @classmethod
     def from_yaml(cls, text: str) -> Policy:
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
         except yaml.YAMLError as exc:
             mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None) or str(exc)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -489,6 +489,21 @@ def _invalid(exc: ValidationError) -> InvalidPolicy:
         if error["type"] in ("string_pattern_mismatch", "literal_error"):
             message += f", not {error['input']!r}"
     return InvalidPolicy(message, field=field)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one
+    silently, so `replicas: 2 ... replicas: 3` would apply a document its author did not read)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def json_schema() -> dict[str, Any]:

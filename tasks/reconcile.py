@@ -9,7 +9,8 @@ A pass, in one transaction:
 3. the diff, range of object ids by range of object ids (policies/planner.py): repairs
    of bad and missing replicas and re-checks of suspect ones (always: healing is never
    held back by a schedule), then, for each policy with an open run, the copies, deletes
-   and verifications it is missing. Found work becomes items of one `reconcile` job,
+   and verifications it is missing; for the others, only copies of objects below their
+   `min` replicas (an object at risk does not wait for a window). Found work becomes items of one `reconcile` job,
    inserted as it is found, so a later query of the same pass sees it in flight;
 4. objects with no verified replica left are marked lost and an alert is raised.
 
@@ -64,8 +65,10 @@ def run_pass(now: datetime | None = None) -> dict[str, Any]:
         running = [row for row in rows if _run_open(row, policies[row.name], now)]
         labels = {name: dict(spec.labels) for name, spec in settings.backends().items()}
         dialect = session.get_bind().dialect.name
-        every = [planner.PolicyQueries(p, labels, dialect, now) for p in policies.values()]
-        active = [planner.PolicyQueries(policies[row.name], labels, dialect, now) for row in running]
+        every = {name: planner.PolicyQueries(p, labels, dialect, now) for name, p in policies.items()}
+        active = [every[row.name] for row in running]
+        waiting = [q for q in every.values()
+                   if q not in active and q.stages is not None and q.policy.schedule.kind != "manual"]
         work = _Pass(session, _budgets(session, settings), now)
         lo, hi = planner.id_range(session)
         for start in range(lo, hi, settings.reconcile_batch_objects):
@@ -78,9 +81,13 @@ def run_pass(now: datetime | None = None) -> dict[str, Any]:
                 work.take(planner.rows(session, q.copies(start, end), limit=work.room(), policy=name))
                 deletes = planner.rows(session, q.surplus(start, end), limit=work.room(), policy=name)
                 deletes += planner.rows(session, q.expired(start, end), limit=work.room(), policy=name)
-                keep = planner.protected(session, every, deletes)
+                others = [o for o in every.values() if o is not q]
+                keep = planner.protected(session, others, deletes)
                 work.take([d for d in deletes if (d.object_id, d.dest_backend) not in keep])
                 work.take(planner.rows(session, q.verifications(start, end), limit=work.room(), policy=name))
+            for q in waiting:  # outside a cron/interval window, objects below `min` are still brought up to it
+                work.take(planner.rows(session, q.copies(start, end, urgent_only=True), limit=work.room(),
+                                       policy=q.policy.name))
         open_by_policy = _open_items_by_policy(session)
         for row in running:
             if work.found[row.name] == 0 and open_by_policy.get(row.name, 0) == 0:

@@ -350,3 +350,8 @@ def test_document_must_be_a_mapping(text):
     with pytest.raises(InvalidPolicy, match="must be a mapping") as caught:
         Policy.from_yaml(text)
     assert caught.value.field is None
+
+
+def test_a_key_given_twice_is_refused_with_its_line():
+    with pytest.raises(InvalidPolicy, match=r"line 4.*'replicas' is given twice"):
+        Policy.from_yaml("name: a\nplacement:\n  replicas: 2\n  replicas: 3\n")

@@ -102,7 +102,9 @@ def test_a_window_holds_back_placement_but_never_healing(apply):
     with transaction() as s:
         s.execute(update(Replica).where(Replica.object_id.in_(bad), Replica.backend == "mirror").values(state="bad"))
     now = utcnow()
-    apply(hot("win-nightly", "win/", 2, schedule={"cron": f"{(now.minute + 30) % 60} * * * *", "window": "10m"}))
+    nightly = hot("win-nightly", "win/", 2, schedule={"cron": f"{(now.minute + 30) % 60} * * * *", "window": "10m"})
+    nightly["placement"]["replicas"] = {"min": 1, "desired": 2}  # at min already: nothing is urgent
+    apply(nightly)
     run_pass(now)
     assert planned(ids) == []                                   # outside its window: nothing
     assert [(a, b) for _, a, b, _ in planned(bad)] == [("copy", "mirror")]  # healing: at once
@@ -176,3 +178,37 @@ def _reconcile_jobs() -> set[uuid.UUID]:
     with transaction() as s:
         return set(s.scalars(select(Job.id).where(Job.kind == JobKind.reconcile)))
 
+
+
+def test_replicas_over_max_are_deleted_keeping_one_per_failure_domain(apply):
+    ids = objects("mx/", 2, on=("local", "mirror", "archive"))
+    apply({"name": "mx-one", "selector": {"prefix": "mx/"},
+           "placement": {"backends": "*", "replicas": {"min": 1, "desired": 1, "max": 2}}})
+    run_pass()
+    work = planned(ids)
+    # Three verified replicas, each its own domain, max 2: one goes per object, relying on a kept one.
+    assert [a for _, a, _, _ in work] == ["delete", "delete"]
+    with transaction() as s:
+        for item in s.scalars(select(JobItem).where(JobItem.object_id.in_(ids))):
+            assert item.source_backend in ("local", "mirror", "archive") and item.source_backend != item.dest_backend
+
+
+def test_outside_its_window_a_policy_still_brings_objects_up_to_min(apply):
+    ids = objects("urg/", 2)
+    now = utcnow()
+    apply({"name": "urg-hot", "selector": {"prefix": "urg/"},
+           "placement": {"backends": "*", "replicas": {"min": 2, "desired": 3}},
+           "schedule": {"cron": f"{(now.minute + 30) % 60} * * * *"}})
+    run_pass(now)
+    assert len(planned(ids)) == 2          # to min (2): one copy each, now
+    run_pass(now)
+    assert len(planned(ids)) == 2          # desired (3) waits for the window
+
+
+def test_verification_is_planned_when_due_and_not_before(apply):
+    ids = objects("ver/", 3)
+    apply({"name": "ver-week", "selector": {"prefix": "ver/"}, "verification": {"every": "7d"}})
+    run_pass()
+    assert planned(ids) == []
+    run_pass(utcnow() + timedelta(days=8))
+    assert sorted((a, b) for _, a, b, _ in planned(ids)) == [("verify", "local")] * 3
