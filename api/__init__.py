@@ -19,7 +19,7 @@ MAX_BODY_BYTES = 32 * 2**20
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
-    from api import backends, health, jobs, objects, policies
+    from api import backends, health, jobs, metrics, objects, policies
     from ferry.catalog.db import transaction
     from ferry.catalog.replicas import sync_backends
     from ferry.settings import get_settings
@@ -30,7 +30,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         app.config.update(test_config)
     app.json.sort_keys = False
 
-    for bp in (jobs.bp, objects.bp, backends.bp, policies.bp, policies.events_bp, health.bp):
+    for bp in (jobs.bp, objects.bp, backends.bp, policies.bp, policies.events_bp, health.bp, metrics.bp):
         app.register_blueprint(bp)
 
     @app.get("/v1/openapi.json")

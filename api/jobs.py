@@ -21,6 +21,7 @@ from ferry.catalog import jobs as catalog
 from ferry.catalog.db import transaction
 from ferry.catalog.models import Job, JobKind
 from ferry.catalog.replicas import verify_report
+from ferry.errors import InvalidRequest
 from tasks import jobs as job_tasks
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
@@ -45,6 +46,10 @@ def create(body: JobCreate):
             "keep_source": body.keep_source}
     if body.sample is not None:
         spec["sample"] = body.sample
+    if body.tags:
+        if body.kind == "verify":
+            raise InvalidRequest("tags apply to the objects a migrate or replicate job copies", field="tags")
+        spec["tags"] = sorted(set(body.tags))
     request = job_tasks.JobRequest(
         kind=JobKind(body.kind), source_backend=body.source.backend, keys=body.source.keys,
         prefix=body.source.prefix, keep_source=body.keep_source, spec=spec, sample=body.sample,

@@ -10,10 +10,10 @@ from flask import Blueprint, Response, jsonify, stream_with_context
 from sqlalchemy import update
 
 from api.openapi import operation
-from api.schemas import HoldUpdate, ObjectOut, ReplicaOut
+from api.schemas import HoldUpdate, ObjectLabels, ObjectOut, ReplicaOut
 from ferry.catalog.db import transaction
 from ferry.catalog.models import CheckResult, ReplicaState, StoredObject, utcnow
-from ferry.catalog.replicas import Check, get_object, record_checks
+from ferry.catalog.replicas import Check, get_object, label_objects, record_checks
 from ferry.errors import BackendError, NotFound
 from ferry.settings import get_settings
 from workers import registry, transfer
@@ -24,6 +24,7 @@ bp = Blueprint("objects", __name__, url_prefix="/v1/objects")
 
 def object_out(obj: StoredObject) -> dict:
     return ObjectOut(cid=obj.cid, sha256=obj.sha256, size=obj.size, media_type=obj.media_type,
+                     tags=list(obj.tags or []), metadata=dict(obj.meta or {}),
                      created_at=obj.created_at, last_accessed_at=obj.last_accessed_at,
                      legal_hold=obj.legal_hold, lost_at=obj.lost_at,
                      replicas=[ReplicaOut.model_validate(r, from_attributes=True) for r in obj.replicas]
@@ -89,5 +90,16 @@ def hold(cid: str, body: HoldUpdate):
     with transaction() as session:
         obj = get_object(session, cid)
         session.execute(update(StoredObject).where(StoredObject.id == obj.id).values(legal_hold=body.hold))
+        session.refresh(obj)
+        return jsonify(object_out(obj))
+
+
+@operation(bp, "/<cid>", "PATCH", summary="Add or remove tags, set metadata and media type",
+           body=ObjectLabels, responses={200: ObjectOut})
+def label(cid: str, body: ObjectLabels):
+    with transaction() as session:
+        obj = get_object(session, cid)
+        label_objects(session, [obj.id], tags=body.add_tags, remove_tags=body.remove_tags,
+                      metadata=body.metadata, media_type=body.media_type)
         session.refresh(obj)
         return jsonify(object_out(obj))

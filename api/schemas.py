@@ -44,6 +44,7 @@ class JobCreate(Strict):
     source: SourceSpec
     targets: list[TargetSpec] = Field([], max_length=32, description="migrate/replicate: where to; verify: none")
     keep_source: bool = Field(False, description="migrate only: keep the source after the copy is verified")
+    tags: list[str] = Field([], max_length=100, description="migrate/replicate: tags added to every object copied")
     sample: float | None = Field(None, gt=0, le=100,
                                  description="verify only: check this percentage of the keys (chosen by hash)")
 
@@ -135,11 +136,23 @@ class ObjectOut(BaseModel):
     sha256: str
     size: int
     media_type: str | None
+    tags: list[str]
+    metadata: dict[str, Any]
     created_at: datetime
     last_accessed_at: datetime | None
     legal_hold: bool
     lost_at: datetime | None = Field(description="set when no verified replica is left")
     replicas: list[ReplicaOut]
+
+
+class ObjectLabels(Strict):
+    """Tags, metadata and media type: what policy selectors match on."""
+
+    add_tags: list[str] = Field([], max_length=100)
+    remove_tags: list[str] = Field([], max_length=100)
+    metadata: dict[str, str | int | float | bool | None] = Field(
+        {}, description="keys to set; a null value removes the key")
+    media_type: str | None = Field(None, pattern=r"^[\w.+-]+/[\w.+-]+$")
 
 
 class HoldUpdate(Strict):

@@ -109,6 +109,12 @@ class PolicyQueries:
             .cte("m")
         )
 
+    def _not_expired(self) -> list[ColumnElement[bool]]:
+        """Objects this policy's retention has not expired (nothing is copied to be deleted)."""
+        if self.policy.retention is None:
+            return []
+        return [or_(OBJ.created_at > self.now - self.policy.retention.delete_after, OBJ.legal_hold.is_(True))]
+
     def _want(self, stage: ColumnElement[int], count: int | None = None) -> ColumnElement[int]:
         """Replicas wanted in a stage: `desired` (or `count`), fewer if fewer failure domains exist."""
         assert self.stages is not None
@@ -125,7 +131,7 @@ class PolicyQueries:
         sb = self.stages.table("sb")
         if sb is None:
             return None
-        m = self.matched(lo, hi)
+        m = self.matched(lo, hi, *self._not_expired())
         present = (select(m.c.id, sb.c.domain)
                    .select_from(m.join(Replica.__table__, REP.object_id == m.c.id)
                                 .join(sb, and_(sb.c.stage == m.c.stage, sb.c.backend == REP.backend)))

@@ -7,7 +7,6 @@ derived table joined in the reconcile queries. Both render on Postgres and SQLit
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -25,6 +24,7 @@ from sqlalchemy import (
     true,
     union_all,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.sql import Subquery
 
 from ferry.catalog.models import Replica, StoredObject
@@ -44,14 +44,14 @@ def matches(policy: Policy, dialect: str, now: datetime) -> ColumnElement[bool]:
     clauses: list[ColumnElement[bool]] = []
     if s.tags:
         if dialect == "postgresql":
-            clauses.append(OBJ.tags.op("@>")(func.cast(json.dumps(sorted(s.tags)), OBJ.tags.type)))
+            clauses.append(OBJ.tags.op("@>")(literal(sorted(s.tags), JSONB)))
         else:
             for tag in s.tags:
                 each = func.json_each(OBJ.tags).table_valued("value")
                 clauses.append(exists(select(1).select_from(each).where(each.c.value == tag)))
     if s.metadata:
         if dialect == "postgresql":
-            clauses.append(OBJ.metadata.op("@>")(func.cast(json.dumps(s.metadata), OBJ.metadata.type)))
+            clauses.append(OBJ.metadata.op("@>")(literal(dict(s.metadata), JSONB)))
         else:
             for key, value in s.metadata.items():
                 path = '$."' + key.replace('"', '\\"') + '"'

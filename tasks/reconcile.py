@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select, text, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from ferry.catalog import jobs as catalog
@@ -77,19 +80,27 @@ def run_pass(now: datetime | None = None) -> dict[str, Any]:
             work.take(planner.rows(session, planner.suspects(start, end), limit=work.room()))
             work.mark_lost(start, end)
             for q in active:
-                name = q.policy.name
-                work.take(planner.rows(session, q.copies(start, end), limit=work.room(), policy=name))
-                deletes = planner.rows(session, q.surplus(start, end), limit=work.room(), policy=name)
-                deletes += planner.rows(session, q.expired(start, end), limit=work.room(), policy=name)
-                others = [o for o in every.values() if o is not q]
-                keep = planner.protected(session, others, deletes)
-                work.take([d for d in deletes if (d.object_id, d.dest_backend) not in keep])
-                work.take(planner.rows(session, q.verifications(start, end), limit=work.room(), policy=name))
+                if q.policy.name in work.failed:
+                    continue
+                with work.isolated(q.policy.name):
+                    name = q.policy.name
+                    work.take(planner.rows(session, q.copies(start, end), limit=work.room(), policy=name))
+                    deletes = planner.rows(session, q.surplus(start, end), limit=work.room(), policy=name)
+                    deletes += planner.rows(session, q.expired(start, end), limit=work.room(), policy=name)
+                    others = [o for o in every.values() if o is not q]
+                    keep = planner.protected(session, others, deletes)
+                    work.take([d for d in deletes if (d.object_id, d.dest_backend) not in keep])
+                    work.take(planner.rows(session, q.verifications(start, end), limit=work.room(), policy=name))
             for q in waiting:  # outside a cron/interval window, objects below `min` are still brought up to it
-                work.take(planner.rows(session, q.copies(start, end, urgent_only=True), limit=work.room(),
-                                       policy=q.policy.name))
+                if q.policy.name in work.failed:
+                    continue
+                with work.isolated(q.policy.name):
+                    work.take(planner.rows(session, q.copies(start, end, urgent_only=True), limit=work.room(),
+                                           policy=q.policy.name))
         open_by_policy = _open_items_by_policy(session)
         for row in running:
+            if row.name in work.failed:
+                continue
             if work.found[row.name] == 0 and open_by_policy.get(row.name, 0) == 0:
                 row.converged_at = now
                 if row.run_started_at is not None:
@@ -171,6 +182,27 @@ class _Pass:
         self.tally: dict[str, int] = defaultdict(int)
         self.deferred = 0
         self.lost: list[str] = []
+        self.failed: set[str] = set()  # policies whose queries failed in this pass
+
+    @contextmanager
+    def isolated(self, policy: str) -> Iterator[None]:
+        """Run one policy's part of the pass in a savepoint: if it fails (a bug, a query
+        the database refuses), its work is dropped, an event says so, and healing and the
+        other policies go on."""
+        saved = (self.job, self.seq, len(self.batches), dict(self.budgets), dict(self.tally),
+                 dict(self.found), self.deferred)
+        try:
+            with self.session.begin_nested():
+                yield
+        except SQLAlchemyError as exc:
+            (self.job, self.seq, nbatches, self.budgets, tally, found, self.deferred) = saved
+            del self.batches[nbatches:]
+            self.tally, self.found = defaultdict(int, tally), defaultdict(int, found)
+            self.failed.add(policy)
+            log.exception("policy %s: its reconcile queries failed; skipped in this pass", policy)
+            stored.raise_event(self.session, "policy.failed", "error",
+                               f"policy {policy}: reconcile failed: {type(exc).__name__}: {exc}"[:2000],
+                               policy=policy)
 
     def room(self) -> int:
         return max(0, sum(max(0, b) for b in self.budgets.values()))
@@ -225,4 +257,4 @@ class _Pass:
 
     def report(self) -> dict[str, Any]:
         return {"job": str(self.job.id) if self.job else None, "items": self.seq, "work": dict(self.tally),
-                "deferred_by_cap": self.deferred, "lost": len(self.lost)}
+                "deferred_by_cap": self.deferred, "lost": len(self.lost), "failed_policies": sorted(self.failed)}

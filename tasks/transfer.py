@@ -34,6 +34,7 @@ from ferry.catalog.models import (
 from ferry.catalog.replicas import (
     Check,
     ReplicaFact,
+    label_objects,
     record,
     record_checks,
     replicas_at,
@@ -69,6 +70,7 @@ class Plan:
     job_id: uuid.UUID
     kind: JobKind
     keep_source: bool
+    tags: list[str]                 # added to every object this job copies
     items: list[Item]
     # What the catalog knows at the items' locations, in any state: sha256/size to compare
     # with, and whether the replica there is verified.
@@ -119,7 +121,7 @@ def _claim(job_id: uuid.UUID, spans: list[catalog.Span], lease_seconds: int) -> 
             objects[oid] = Digest(size, sha, cid)
             if hold:
                 held.add(oid)
-        return Plan(job.id, job.kind, bool(job.spec.get("keep_source")), items,
+        return Plan(job.id, job.kind, bool(job.spec.get("keep_source")), list(job.spec.get("tags", [])), items,
                     known={loc: Digest(r.size, r.sha256, r.cid) for loc, r in at.items()},
                     verified={loc for loc, r in at.items() if r.state == ReplicaState.present},
                     objects=objects, held=held)
@@ -364,6 +366,8 @@ class _BatchRun:
             self.facts, self.outcomes, self.to_delete, self.checks = [], [], [], []
         with transaction() as session:
             ids = record(session, facts)
+            if self.plan.tags and ids:
+                label_objects(session, ids.values(), tags=self.plan.tags)
             record_checks(session, checks)
             for o in outcomes:
                 o["object_id"] = ids.get(o.pop("cid", None) or "")

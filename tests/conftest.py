@@ -84,7 +84,10 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     engine_for(_state["db_url"]).dispose()
     with _admin_connect() as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{_state["dbname"]}" WITH (FORCE)')
-    shutil.rmtree(_state["tmp"], ignore_errors=True)
+    if os.environ.get("FERRY_KEEP_TEST_DIR"):  # keep process logs and disks for a post-mortem
+        print(f"\ntest files kept in {_state['tmp']}")
+    else:
+        shutil.rmtree(_state["tmp"], ignore_errors=True)
 
 
 def write_backends(path: Path, disks: Path, s3_endpoint: str | None = None, bucket: str | None = None) -> None:

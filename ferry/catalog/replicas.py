@@ -232,3 +232,26 @@ def verify_report(session: Session, job_id: uuid.UUID) -> dict:
             "missing": counts["missing"], "bytes_read": nbytes,
             "healing_scheduled": sum(1 for f in findings if f["healing"] in ("scheduled", "in_progress", "healed")),
             "lost": sum(1 for f in findings if f["healing"] == "lost"), "findings": findings}
+
+
+def label_objects(session: Session, object_ids: Iterable[int], *, tags: Sequence[str] = (),
+                  remove_tags: Sequence[str] = (), metadata: Mapping[str, object] | None = None,
+                  media_type: str | None = None) -> None:
+    """Add (or remove) tags, merge metadata keys (a None value removes the key) and set the
+    media type of objects: what policy selectors match on."""
+    ids = sorted(set(object_ids))
+    t = StoredObject.__table__.c
+    for i in range(0, len(ids), 1000):
+        rows = session.execute(select(t.id, t.tags, t.metadata).where(t.id.in_(ids[i:i + 1000]))).all()
+        changes = []
+        for oid, old_tags, old_meta in rows:
+            new_tags = sorted((set(old_tags or []) | set(tags)) - set(remove_tags))
+            new_meta = {**(old_meta or {}), **(metadata or {})}
+            new_meta = {k: v for k, v in new_meta.items() if v is not None}
+            changes.append({"b_id": oid, "b_tags": new_tags, "b_meta": new_meta})
+        if changes:
+            values = {"tags": bindparam("b_tags"), "metadata": bindparam("b_meta")}
+            if media_type is not None:
+                values["media_type"] = media_type
+            session.connection().execute(update(StoredObject.__table__).where(t.id == bindparam("b_id"))
+                                         .values(**values), changes)

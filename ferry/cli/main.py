@@ -75,7 +75,8 @@ def parse_location(text: str, *, role: str) -> tuple[str, str]:
     return backend, path
 
 
-def job_payload(kind: str, src: str, dsts: tuple[str, ...], keep_source: bool, keys_from) -> dict:
+def job_payload(kind: str, src: str, dsts: tuple[str, ...], keep_source: bool, keys_from,
+                tags: tuple[str, ...] = ()) -> dict:
     backend, path = parse_location(src, role="SRC")
     source: dict = {"backend": backend}
     if keys_from is not None:
@@ -95,6 +96,8 @@ def job_payload(kind: str, src: str, dsts: tuple[str, ...], keep_source: bool, k
     payload = {"kind": kind, "source": source, "targets": targets}
     if kind == "migrate":
         payload["keep_source"] = keep_source
+    if tags:
+        payload["tags"] = list(tags)
     return payload
 
 
@@ -120,6 +123,8 @@ def _submit_and_follow(payload: dict, wait: bool, as_json: bool) -> None:
 
 wait_opt = click.option("--wait/--no-wait", default=True, show_default=True,
                         help="Follow the job with a progress bar until it ends.")
+tag_opt = click.option("--tag", "tags", multiple=True, help="Tag every object copied (repeatable); "
+                       "policies select by tags.")
 json_opt = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 keys_opt = click.option("--keys-from", type=click.File("r"), default=None,
                         help="Read the source keys from a file, one per line ('-' for stdin).")
@@ -130,26 +135,29 @@ keys_opt = click.option("--keys-from", type=click.File("r"), default=None,
 @click.argument("dst")
 @click.option("--keep-source", is_flag=True, help="Keep the source once the copy is verified.")
 @keys_opt
+@tag_opt
 @wait_opt
 @json_opt
-def migrate(src: str, dst: str, keep_source: bool, keys_from, wait: bool, as_json: bool) -> None:
+def migrate(src: str, dst: str, keep_source: bool, keys_from, tags: tuple[str, ...], wait: bool,
+            as_json: bool) -> None:
     """Move objects: copy SRC to DST, verify the copy, then delete the source.
 
     SRC and DST are BACKEND:PATH; a PATH ending in '/' (or empty) is a prefix.
     Example: ferry migrate local:photos/ s3:archive/
     """
-    _submit_and_follow(job_payload("migrate", src, (dst,), keep_source, keys_from), wait, as_json)
+    _submit_and_follow(job_payload("migrate", src, (dst,), keep_source, keys_from, tags), wait, as_json)
 
 
 @cli.command()
 @click.argument("src")
 @click.argument("dsts", nargs=-1, required=True, metavar="DST...")
 @keys_opt
+@tag_opt
 @wait_opt
 @json_opt
-def replicate(src: str, dsts: tuple[str, ...], keys_from, wait: bool, as_json: bool) -> None:
+def replicate(src: str, dsts: tuple[str, ...], keys_from, tags: tuple[str, ...], wait: bool, as_json: bool) -> None:
     """Copy objects from SRC to one or more DSTs, verifying every copy."""
-    _submit_and_follow(job_payload("replicate", src, dsts, False, keys_from), wait, as_json)
+    _submit_and_follow(job_payload("replicate", src, dsts, False, keys_from, tags), wait, as_json)
 
 
 def _human(n: float) -> str:

@@ -214,6 +214,28 @@ def object_show(cid: str, as_json: bool) -> None:
     out.print(table)
 
 
+@object.command("tag")
+@click.argument("cid")
+@click.argument("tags", nargs=-1)
+@click.option("--remove", multiple=True, help="A tag to remove (repeatable).")
+@click.option("--meta", multiple=True, metavar="KEY=VALUE", help="Set a metadata key (KEY= removes it).")
+@click.option("--media-type", default=None)
+def object_tag(cid: str, tags: tuple[str, ...], remove: tuple[str, ...], meta: tuple[str, ...],
+               media_type: str | None) -> None:
+    """Add tags to an object (remove some, set metadata): what policy selectors match on."""
+    metadata: dict = {}
+    for item in meta:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            fail(f"--meta {item!r}: expected KEY=VALUE", EXIT_REFUSED)
+        metadata[key] = value or None
+    body: dict = {"add_tags": list(tags), "remove_tags": list(remove), "metadata": metadata}
+    if media_type:
+        body["media_type"] = media_type
+    o = client().request("PATCH", f"/v1/objects/{cid}", json=body)
+    out.print(f"{cid}: tags {', '.join(o['tags']) or '-'}", highlight=False)
+
+
 @object.command("hold")
 @click.argument("cid")
 @click.option("--release", is_flag=True, help="Release the hold instead.")

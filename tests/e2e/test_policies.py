@@ -71,7 +71,8 @@ def wait_for(what: str, check: Callable[[], object], timeout: float = 90) -> obj
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {check()!r}")
 
 
-def ingest(api: httpx.Client, disks: Path, prefix: str, n: int, size: int = 3000) -> dict[str, bytes]:
+def ingest(api: httpx.Client, disks: Path, prefix: str, n: int, size: int = 3000,
+           tags: list[str] | None = None) -> dict[str, bytes]:
     """n files catalogued with one verified replica on `local`: written to `archive`, then
     migrated to `local` (the archive copy is deleted)."""
     files = {}
@@ -83,7 +84,7 @@ def ingest(api: httpx.Client, disks: Path, prefix: str, n: int, size: int = 3000
         path.write_bytes(data)
         files[key] = data
     r = api.post("/v1/jobs", json={"kind": "migrate", "source": {"backend": "archive", "prefix": prefix},
-                                    "targets": [{"backend": "local", "prefix": prefix}]})
+                                    "targets": [{"backend": "local", "prefix": prefix}], "tags": tags or []})
     assert r.status_code == 202, r.text
     assert wait_job(api, r.json()["id"])["state"] == "succeeded"
     return files
@@ -309,3 +310,27 @@ def test_work_that_keeps_failing_becomes_stuck_with_its_reason_and_retry_requeue
     assert r.status_code == 200 and r.json() == {"requeued": 1}
     wait_for("the retried copy to be stuck again", lambda: status(api, "broken-i")["stuck"] == 1
              and status(api, "broken-i")["replicating"] == 0, timeout=120)
+
+
+def test_metrics_report_lost_objects_and_replicas_by_state(api):
+    text = api.get("/metrics").text
+    assert "# TYPE ferry_objects_lost gauge" in text
+    lost = [line for line in text.splitlines() if line.startswith("ferry_objects_lost ")]
+    with transaction() as s:
+        in_catalog = len(s.scalars(select(StoredObject.id).where(StoredObject.lost_at.is_not(None))).all())
+    assert lost and float(lost[0].split()[1]) == in_catalog
+    assert 'ferry_replicas{backend="mirror",state="present"}' in text
+
+
+def test_tags_from_a_job_and_from_patch_drive_a_tag_selector(api, policy, disks):
+    files = ingest(api, disks, "pj/", 3, tags=["tg-j"])
+    policy({"name": "tagged-j", "selector": {"tags": ["tg-j"]},
+            "placement": {"backends": "tier=hot", "replicas": 2, "spread": "zone"}})
+    wait_for("convergence", lambda: status(api, "tagged-j")["converged"] == 3)
+    assert all((disks / "mirror" / k).read_bytes() == d for k, d in files.items())
+    cid = cid_of("pj/f000.bin")
+    r = api.patch(f"/v1/objects/{cid}", json={"remove_tags": ["tg-j"], "metadata": {"owner": "ops"}})
+    assert r.status_code == 200 and r.json()["tags"] == [] and r.json()["metadata"] == {"owner": "ops"}
+    assert status(api, "tagged-j")["matched"] == 2
+    r = api.patch(f"/v1/objects/{cid}", json={"bogus": 1})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "bogus"

@@ -212,3 +212,27 @@ def test_verification_is_planned_when_due_and_not_before(apply):
     assert planned(ids) == []
     run_pass(utcnow() + timedelta(days=8))
     assert sorted((a, b) for _, a, b, _ in planned(ids)) == [("verify", "local")] * 3
+
+
+def test_a_policy_whose_queries_fail_is_skipped_and_the_rest_goes_on(apply, monkeypatch):
+    from sqlalchemy import text as sql
+
+    from policies import planner
+
+    ids = objects("iso/", 2)
+    apply(hot("iso-good", "iso/", 2))
+    apply(hot("iso-broken", "iso/", 2))
+    real = planner.PolicyQueries.copies
+
+    def copies(self, lo, hi, **kw):
+        if self.policy.name == "iso-broken":
+            return select(sql("1/0 AS action"))  # the database refuses it: division by zero
+        return real(self, lo, hi, **kw)
+
+    monkeypatch.setattr(planner.PolicyQueries, "copies", copies)
+    report = run_pass()
+    assert report["failed_policies"] == ["iso-broken"]
+    assert [(a, b, p) for _, a, b, p in planned(ids)] == [("copy", "mirror", "iso-good")] * 2
+    with transaction() as s:
+        events = stored.events(s, kind="policy.failed", cid=None, after=0, limit=100)
+    assert any(e.policy == "iso-broken" and "DivisionByZero" in e.message for e in events)
