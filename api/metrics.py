@@ -12,6 +12,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 from sqlalchemy import func, select
 
+from api.openapi import operation
 from ferry.catalog.db import transaction
 from ferry.catalog.models import ItemState, JobItem, Policy, Replica, StoredObject
 
@@ -60,6 +61,6 @@ registry = CollectorRegistry(auto_describe=False)
 registry.register(CatalogCollector())
 
 
-@bp.get("/metrics")
+@operation(bp, "/metrics", "GET", summary="Prometheus metrics (text exposition format)", responses={200: None})
 def metrics() -> Response:
     return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
