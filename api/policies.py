@@ -57,8 +57,10 @@ def apply(body: PolicyApply):
     policy = Policy.from_yaml(body.yaml) if body.yaml is not None else Policy.from_dict(body.document)
     _check_backends(policy)
     with transaction() as session:
-        row, changed = stored.apply(session, policy.name, policy.to_document(),
-                                    next_run_at=policy.schedule.next_run_after(utcnow()))
+        now = utcnow()
+        # An interval schedule runs at once, then every interval; a cron one waits for its time.
+        first_run = now if policy.schedule.kind == "interval" else policy.schedule.next_run_after(now)
+        row, changed = stored.apply(session, policy.name, policy.to_document(), next_run_at=first_run)
         if changed:
             after_commit(session, send_reconcile)
         return jsonify(policy_out(row, changed=changed)), 201 if changed else 200

@@ -202,7 +202,7 @@ class _Pass:
             log.exception("policy %s: its reconcile queries failed; skipped in this pass", policy)
             stored.raise_event(self.session, "policy.failed", "error",
                                f"policy {policy}: reconcile failed: {type(exc).__name__}: {exc}"[:2000],
-                               policy=policy)
+                               policy=policy, quiet_for=timedelta(hours=1))
 
     def room(self) -> int:
         return max(0, sum(max(0, b) for b in self.budgets.values()))

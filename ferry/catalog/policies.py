@@ -3,13 +3,20 @@ the reconcile loop raises. Documents arrive already validated (policies.schema).
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from ferry.catalog.models import Event, Policy, PolicyVersion, utcnow
+from ferry.catalog.models import (
+    Event,
+    ItemState,
+    JobItem,
+    Policy,
+    PolicyVersion,
+    utcnow,
+)
 from ferry.errors import Conflict, PolicyNotFound
 
 
@@ -52,11 +59,17 @@ def versions(session: Session, name: str) -> list[PolicyVersion]:
 
 
 def delete(session: Session, name: str) -> Policy:
-    """Stop enforcing a policy. Its versions stay; nothing stored is touched."""
+    """Stop enforcing a policy: its queued and stuck work is cancelled (running items
+    finish), its versions stay, nothing stored is touched."""
     policy = get(session, name, lock=True)
-    policy.deleted_at = utcnow()
+    now = utcnow()
+    policy.deleted_at = now
     policy.run_started_at = None
     policy.next_run_at = None
+    session.execute(update(JobItem).where(JobItem.policy == name,
+                                          JobItem.state.in_([ItemState.queued, ItemState.stuck]))
+                    .values(state=ItemState.cancelled, error=f"policy {name} deleted", updated_at=now)
+                    .execution_options(synchronize_session=False))
     return policy
 
 
@@ -69,10 +82,19 @@ def start_run(session: Session, name: str) -> Policy:
     return policy
 
 
-def raise_event(session: Session, kind: str, severity: str, message: str, **about: Any) -> None:
+def raise_event(session: Session, kind: str, severity: str, message: str, *,
+                quiet_for: timedelta | None = None, **about: Any) -> bool:
+    """Store an event. With `quiet_for`, not if one of the same kind about the same thing
+    was raised that recently (a fault seen by every pass is one event an hour, not 120)."""
+    now = utcnow()
+    if quiet_for is not None:
+        recent = select(Event.id).where(Event.kind == kind, Event.created_at > now - quiet_for,
+                                        *(getattr(Event, k) == v for k, v in about.items() if k != "details"))
+        if session.execute(recent.limit(1)).first() is not None:
+            return False
     details = about.pop("details", None) or {}
-    session.add(Event(kind=kind, severity=severity, message=message, details=details, created_at=utcnow(),
-                      **about))
+    session.add(Event(kind=kind, severity=severity, message=message, details=details, created_at=now, **about))
+    return True
 
 
 def events(session: Session, *, kind: str | None, cid: str | None, after: int, limit: int) -> list[Event]:
