@@ -198,53 +198,74 @@ class PolicyQueries:
         """Replicas to delete because a transition left them behind (on an earlier stage's
         backends, not the current one's) or because the current stage holds more than `max`,
         of objects whose current stage holds all its wanted replicas, verified, with no copy
-        in flight. Each names a verified replica it relies on, which the worker re-checks."""
+        in flight. Each names a verified replica it relies on, which the worker re-checks.
+
+        Shaped for the converged case, where it finds nothing: a grouped count picks the few
+        candidate objects first, and only those are ranked."""
         if self.stages is None:
             return None
         sb = self.stages.table("sb")
         if sb is None:
             return None
         m = self.matched(lo, hi)
-        placed = (select(REP.object_id, REP.backend, REP.key, m.c.stage, m.c.size,
-                         func.row_number().over(partition_by=(REP.object_id, sb.c.domain),
-                                                order_by=(REP.verified_at.desc(), REP.backend)).label("dr"),
-                         sb.c.drank)
+        placed = (select(REP.object_id, REP.backend, REP.key, REP.verified_at, sb.c.drank, sb.c.domain)
                   .select_from(m.join(Replica.__table__, REP.object_id == m.c.id)
                                .join(sb, and_(sb.c.stage == m.c.stage, sb.c.backend == REP.backend)))
                   .where(REP.state == PRESENT).cte("placed"))
-        held = (select(placed.c.object_id, func.count(func.distinct(placed.c.drank)).label("n"))
+        held = (select(placed.c.object_id, func.count(func.distinct(placed.c.drank)).label("domains"),
+                       func.count().label("n"))
                 .group_by(placed.c.object_id).cte("held"))
-        ready = (select(m.c.id, m.c.size, m.c.stage).select_from(m.join(held, held.c.object_id == m.c.id))
-                 .where(held.c.n >= self._want(m.c.stage),
-                        ~exists(select(1).select_from(JobItem.__table__).where(
-                            ITEM.object_id == m.c.id, ITEM.action == ItemAction.copy.value,
-                            ITEM.state.in_(BLOCKING_ITEM_STATES))))
-                 .cte("ready"))
-        # Rank the current stage's verified replicas: one per failure domain first, so the
-        # ones kept under `max` keep the spread.
-        ranked = (select(placed.c.object_id, placed.c.backend, placed.c.key,
-                         func.row_number().over(partition_by=placed.c.object_id,
-                                                order_by=(placed.c.dr, placed.c.drank)).label("rank"))
-                  .cte("ranked"))
-        kept = ranked.alias("kept")
-        base = (select(literal(ItemAction.delete.value).label("action"), REP.object_id, ready.c.size,
-                       REP.backend.label("dest_backend"), REP.key.label("dest_key"),
-                       kept.c.backend.label("source_backend"), kept.c.key.label("source_key")))
-        joined = (ready.join(Replica.__table__, REP.object_id == ready.c.id)
-                  .join(kept, and_(kept.c.object_id == ready.c.id, kept.c.rank == 1)))
+        copying = exists(select(1).select_from(JobItem.__table__).where(
+            ITEM.object_id == m.c.id, ITEM.action == ItemAction.copy.value, ITEM.state.in_(BLOCKING_ITEM_STATES)))
+        current = select(sb.c.backend).where(sb.c.stage == m.c.stage).scalar_subquery()
         queries = []
         if self.policy.transitions:
-            earlier = select(sb.c.backend).where(sb.c.stage < ready.c.stage)
-            current = select(sb.c.backend).where(sb.c.stage == ready.c.stage)
-            queries.append(base.add_columns(literal("transition").label("reason")).select_from(joined)
-                           .where(ready.c.stage > 0, REP.backend.in_(earlier), REP.backend.not_in(current),
-                                  REP.state.not_in(GONE_OR_GOING), ~_blocked(REP.object_id, REP.backend)))
+            # The verified replica of the current stage a delete relies on (few rows reach here).
+            keep = Replica.__table__.alias("keep")
+
+            def kept(column: Any, obj: Any, stage: Any) -> Any:
+                return (select(column).where(keep.c.object_id == obj, keep.c.state == PRESENT,
+                                             keep.c.backend.in_(select(sb.c.backend).where(sb.c.stage == stage)))
+                        .order_by(keep.c.verified_at.desc(), keep.c.backend).limit(1).scalar_subquery())
+
+            behind = (select(m.c.id, m.c.size, m.c.stage, REP.backend, REP.key)
+                      .select_from(m.join(Replica.__table__, REP.object_id == m.c.id)
+                                   .join(held, held.c.object_id == m.c.id))
+                      .where(m.c.stage > 0, held.c.domains >= self._want(m.c.stage), ~copying,
+                             REP.backend.in_(select(sb.c.backend).where(sb.c.stage < m.c.stage)),
+                             REP.backend.not_in(current), REP.state.not_in(GONE_OR_GOING))
+                      .cte("behind"))
+            queries.append(
+                select(literal(ItemAction.delete.value).label("action"), behind.c.id.label("object_id"),
+                       behind.c.size, behind.c.backend.label("dest_backend"), behind.c.key.label("dest_key"),
+                       kept(keep.c.backend, behind.c.id, behind.c.stage).label("source_backend"),
+                       kept(keep.c.key, behind.c.id, behind.c.stage).label("source_key"),
+                       literal("transition").label("reason"))
+                .where(~_blocked(behind.c.id, behind.c.backend)))
         cap = self.policy.placement.replicas.max
-        queries.append(base.add_columns(literal("max").label("reason"))
-                       .select_from(joined.join(ranked, and_(ranked.c.object_id == REP.object_id,
-                                                             ranked.c.backend == REP.backend,
-                                                             ranked.c.key == REP.key)))
-                       .where(ranked.c.rank > cap, ~_blocked(REP.object_id, REP.backend)))
+        over = (select(m.c.id, m.c.size).select_from(m.join(held, held.c.object_id == m.c.id))
+                .where(held.c.n > cap, held.c.domains >= self._want(m.c.stage), ~copying).cte("over"))
+        # Rank the candidates' verified replicas: one per failure domain first, so the ones
+        # kept under `max` keep the spread.
+        in_domain = (select(placed, over.c.size,
+                            func.row_number().over(partition_by=(placed.c.object_id, placed.c.domain),
+                                                   order_by=(placed.c.verified_at.desc(), placed.c.backend))
+                            .label("dr"))
+                     .select_from(placed.join(over, over.c.id == placed.c.object_id)).subquery("in_domain"))
+        order = (in_domain.c.dr, in_domain.c.drank)
+        ranked = (select(in_domain.c.object_id, in_domain.c.size, in_domain.c.backend, in_domain.c.key,
+                         func.row_number().over(partition_by=in_domain.c.object_id, order_by=order).label("rank"),
+                         func.first_value(in_domain.c.backend).over(partition_by=in_domain.c.object_id,
+                                                                    order_by=order).label("keep_backend"),
+                         func.first_value(in_domain.c.key).over(partition_by=in_domain.c.object_id,
+                                                                order_by=order).label("keep_key"))
+                  .subquery("ranked"))
+        queries.append(
+            select(literal(ItemAction.delete.value).label("action"), ranked.c.object_id, ranked.c.size,
+                   ranked.c.backend.label("dest_backend"), ranked.c.key.label("dest_key"),
+                   ranked.c.keep_backend.label("source_backend"), ranked.c.keep_key.label("source_key"),
+                   literal("max").label("reason"))
+            .where(ranked.c.rank > cap, ~_blocked(ranked.c.object_id, ranked.c.backend)))
         return queries[0] if len(queries) == 1 else union_all(*queries)
 
     def expired(self, lo: int, hi: int) -> Select | None:
