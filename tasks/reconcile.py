@@ -42,6 +42,7 @@ from ferry.catalog.models import (
     utcnow,
 )
 from ferry.catalog.models import Policy as PolicyRow
+from ferry.errors import FerryError
 from ferry.settings import get_settings
 from policies import planner
 from policies.schema import Policy
@@ -63,8 +64,7 @@ def run_pass(now: datetime | None = None) -> dict[str, Any]:
         if not _lock(session):
             return {"skipped": "another pass is running"}
         report: dict[str, Any] = _housekeeping(session, now)
-        rows = stored.active(session)
-        policies = {row.name: Policy.from_dict(row.document) for row in rows}
+        rows, policies = _load_policies(session)
         running = [row for row in rows if _run_open(row, policies[row.name], now)]
         labels = {name: dict(spec.labels) for name, spec in settings.backends().items()}
         dialect = session.get_bind().dialect.name
@@ -111,6 +111,22 @@ def run_pass(now: datetime | None = None) -> dict[str, Any]:
         after_commit(session, lambda: send_batches(batches))
         report.update(work.report())
     return report
+
+
+def _load_policies(session: Session) -> tuple[list[PolicyRow], dict[str, Policy]]:
+    """The policies in force; one whose stored document no longer validates (written by
+    another version of Ferry) is skipped with an event, never stopping the pass."""
+    rows, policies = [], {}
+    for row in stored.active(session):
+        try:
+            policies[row.name] = Policy.from_dict(row.document)
+        except FerryError as exc:
+            log.error("policy %s: stored document is invalid (%s); skipped", row.name, exc.message)
+            stored.raise_event(session, "policy.failed", "error", f"policy {row.name}: invalid document: "
+                               f"{exc.message}", policy=row.name, quiet_for=timedelta(hours=1))
+            continue
+        rows.append(row)
+    return rows, policies
 
 
 def _lock(session: Session) -> bool:

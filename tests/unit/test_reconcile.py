@@ -249,3 +249,18 @@ def test_deleting_a_policy_cancels_its_queued_work(apply):
     assert planned(ids) == []
     run_pass()
     assert planned(ids) == []  # and nothing plans it again
+
+
+def test_a_stored_document_that_no_longer_validates_is_skipped(apply):
+    ids = objects("inv/", 1)
+    apply(hot("inv-ok", "inv/", 2))
+    with transaction() as s:
+        stored.apply(s, "inv-broken", {"name": "inv-broken", "placement": {"replicas": 0}}, next_run_at=None)
+    try:
+        run_pass()
+        assert [(a, b) for _, a, b, _ in planned(ids)] == [("copy", "mirror")]
+        with transaction() as s:
+            assert stored.events(s, kind="policy.failed", cid=None, after=0, limit=1000)[-1].policy == "inv-broken"
+    finally:
+        with transaction() as s:
+            stored.delete(s, "inv-broken")
