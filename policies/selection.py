@@ -28,14 +28,11 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.sql import Subquery
 
 from ferry.catalog.models import Replica, StoredObject
+from ferry.catalog.replicas import under_prefix
 from policies.schema import LabelExpr, Policy
 
 OBJ = StoredObject.__table__.c
 REP = Replica.__table__.c
-
-
-def _like_prefix(prefix: str) -> str:
-    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
 def matches(policy: Policy, dialect: str, now: datetime) -> ColumnElement[bool]:
@@ -63,7 +60,7 @@ def matches(policy: Policy, dialect: str, now: datetime) -> ColumnElement[bool]:
         if s.backend is not None:
             where.append(REP.backend == s.backend)
         if s.prefix:
-            where.append(REP.key.like(_like_prefix(s.prefix), escape="\\"))
+            where.append(under_prefix(REP.key, s.prefix))
         clauses.append(exists(select(1).select_from(Replica.__table__).where(*where)))
     if s.size is not None:
         if s.size.min is not None:
@@ -72,7 +69,7 @@ def matches(policy: Policy, dialect: str, now: datetime) -> ColumnElement[bool]:
             clauses.append(OBJ.size <= s.size.max)
     if s.media_type:
         if s.media_type.endswith("/*"):
-            clauses.append(OBJ.media_type.like(_like_prefix(s.media_type[:-1]), escape="\\"))
+            clauses.append(under_prefix(OBJ.media_type, s.media_type[:-1]))
         else:
             clauses.append(OBJ.media_type == s.media_type)
     if s.age is not None:

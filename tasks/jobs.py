@@ -27,6 +27,7 @@ from ferry.catalog.models import (
     ReplicaState,
     StoredObject,
 )
+from ferry.catalog.replicas import under_prefix
 from ferry.errors import BackendUnavailable, FerryError, InvalidRequest, UnknownBackend
 from ferry.settings import get_settings
 from tasks.app import app, backoff, send_batches, send_expand
@@ -200,11 +201,10 @@ def _catalogued(backend: str, prefix: str) -> Iterator[ObjectStat]:
     """The catalogued replicas on `backend` under `prefix` (not deleted), in key order,
     read a page per transaction."""
     after = None
-    like = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
     while True:
         with transaction() as session:
             q = (select(Replica.key, StoredObject.size).join(StoredObject, StoredObject.id == Replica.object_id)
-                 .where(Replica.backend == backend, Replica.key.like(like, escape="\\"),
+                 .where(Replica.backend == backend, under_prefix(Replica.key, prefix),
                         Replica.state.not_in([ReplicaState.gone, ReplicaState.deleting]))
                  .order_by(Replica.key).limit(PAGE))
             if after is not None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import Row, bindparam, func, select, text, update
+from sqlalchemy import Row, bindparam, func, select, text, true, update
 from sqlalchemy.orm import Session, selectinload
 
 from ferry.catalog.db import dialect_insert
@@ -255,3 +256,13 @@ def label_objects(session: Session, object_ids: Iterable[int], *, tags: Sequence
                 values["media_type"] = media_type
             session.connection().execute(update(StoredObject.__table__).where(t.id == bindparam("b_id"))
                                          .values(**values), changes)
+
+
+def under_prefix(column: Any, prefix: str) -> Any:
+    """`column` starts with `prefix` (LIKE, escaped). Postgres serves LIKE 'p%' from a btree
+    only under the C collation; a range bound would, but is not exact under linguistic
+    collations, so the exact form stays until keys get a "C"-collated index."""
+    if not prefix:
+        return true()
+    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    return column.like(escaped, escape="\\")
