@@ -1,10 +1,16 @@
-"""The copy verb (`ferry.transfer`): replicate and migrate a batch of job items.
+"""The work verb (`ferry.transfer`): run a batch of job items, each one action.
 
-For each claimed item: copy source -> destination while hashing, re-read the
-destination and compare, record both replicas as verified; for a migrate, only then
-delete the source. Outcomes are written in bulk, one transaction per second of work
-at most, so progress shows while a batch runs. Safe to run twice: items already
-finished are not claimed again, and a copy already verified is skipped.
+- copy: source -> destination while hashing (checked against the object's sha256 when the
+  catalog knows it: a corrupt source is marked bad and nothing from it is recorded), re-read
+  the destination and compare, record both replicas verified; for a migrate, only then delete
+  the source;
+- delete: remove a replica, only while the replica it relies on is still verified (and, for
+  retention, while the object is not under legal hold);
+- verify: re-read and re-hash a replica, record the check (`bad`, `missing` or verified now).
+
+Outcomes are written in bulk, one transaction per second of work at most, so progress shows
+while a batch runs. Safe to run twice: items already finished are not claimed again, and a
+copy already verified is skipped.
 """
 
 from __future__ import annotations
