@@ -203,7 +203,7 @@ def summary(c: Client, job: dict) -> None:
     colour = "green" if job["state"] == "succeeded" else "red"
     out.print(f"{job['kind']} job {job['id']}: [bold {colour}]{job['state']}[/]", highlight=False)
     table = Table(show_header=False)
-    for key in ("total", "done", "skipped", "failed", "cancelled"):
+    for key in ("total", "done", "skipped", "failed", "stuck", "cancelled"):
         table.add_row(key, str(counts[key]))
     table.add_row("bytes", _human(job["bytes"]["done"]))
     if job.get("started_at") and job.get("finished_at"):
@@ -257,7 +257,7 @@ def job_watch(job_id: str, as_json: bool) -> None:
 
 @job.command("items")
 @click.argument("job_id")
-@click.option("--state", type=click.Choice(["queued", "running", "done", "failed", "skipped", "cancelled"]))
+@click.option("--state", type=click.Choice(["queued", "running", "done", "failed", "skipped", "cancelled", "stuck"]))
 @click.option("--limit", type=click.IntRange(1, 1_000_000), default=100, show_default=True)
 @json_opt
 def job_items(job_id: str, state: str | None, limit: int, as_json: bool) -> None:
