@@ -63,7 +63,25 @@ BAD_REQUESTS = [
     ("target is the source", job(source={"backend": "local", "prefix": "p/"}, targets=[{"backend": "local", "prefix": "p/"}]), 422, "invalid_request", "targets[0]"),
     ("same target twice", job(targets=[{"backend": "archive"}, {"backend": "archive", "prefix": "x/"}]), 422, "invalid_request", "targets[1].backend"),
     ("keys not a list", job(source={"backend": "local", "keys": "a.txt"}), 422, "invalid_request", "source.keys"),
+    ("verify with targets", job(kind="verify"), 422, "invalid_request", "targets"),
+    ("verify with tags", job(kind="verify", targets=[], tags=["x"]), 422, "invalid_request", "tags"),
+    ("sample on a copy", job(sample=10), 422, "invalid_request", "sample"),
+    ("sample over 100", job(kind="verify", targets=[], sample=150), 422, "invalid_request", "sample"),
+    ("keep_source on verify", job(kind="verify", targets=[], keep_source=True), 422, "invalid_request", "keep_source"),
 ]
+
+
+def test_a_verify_sample_is_stable_and_about_its_size():
+    from ferry.catalog.models import JobKind
+    from tasks.jobs import JobRequest
+
+    keys = [f"k/{i}" for i in range(20_000)]
+    ten = JobRequest(kind=JobKind.verify, source_backend="local", targets=[], prefix="k/", sample=10)
+    chosen = [k for k in keys if ten.sampled(k)]
+    assert 1800 < len(chosen) < 2200
+    assert chosen == [k for k in keys if ten.sampled(k)]  # the same keys every time
+    fifty = JobRequest(kind=JobKind.verify, source_backend="local", targets=[], prefix="k/", sample=50)
+    assert set(chosen) <= {k for k in keys if fifty.sampled(k)}  # and within every larger sample
 
 
 @pytest.mark.parametrize("name,body,status,code,field", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
