@@ -18,31 +18,17 @@ from sqlalchemy import select
 from ferry.catalog.db import transaction
 from ferry.catalog.models import JobItem, Replica, StoredObject
 from tasks.reconcile import run_pass
-from tests.fixtures.cluster import Cluster, wait_job
+from tests.fixtures.cluster import Cluster, running_cluster, wait_job
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def cluster(test_env, s3_backend) -> Iterator[Cluster]:
-    c = Cluster(test_env["tmp"] / "logs" / f"policies-{time.monotonic_ns()}",
-                env={"FERRY_RECONCILE_INTERVAL_SECONDS": "1", "FERRY_MAX_ATTEMPTS": "2"})
-    try:
-        c.start_api()
-        c.start_worker(concurrency=2)
-        c.start_beat()
+    """Beat too, passing every second; few attempts, so failing work is stuck in seconds."""
+    with running_cluster(test_env, "policies", {"FERRY_RECONCILE_INTERVAL_SECONDS": "1", "FERRY_MAX_ATTEMPTS": "2"},
+                         beat=True) as c:
         yield c
-    except BaseException:
-        c.print_logs()
-        raise
-    finally:
-        c.stop()
-
-
-@pytest.fixture(scope="module")
-def api(cluster) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=cluster.api_url, timeout=120) as client:
-        yield client
 
 
 @pytest.fixture
