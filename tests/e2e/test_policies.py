@@ -320,3 +320,19 @@ def test_tags_from_a_job_and_from_patch_drive_a_tag_selector(api, policy, disks)
     assert status(api, "tagged-j")["matched"] == 2
     r = api.patch(f"/v1/objects/{cid}", json={"bogus": 1})
     assert r.status_code == 422 and r.json()["error"]["field"] == "bogus"
+
+
+def test_content_from_a_replica_gone_bad_is_never_delivered_whole(api, disks):
+    ingest(api, disks, "pk/", 1, size=3 * 2**20)  # several chunks
+    key = "pk/f000.bin"
+    raw = bytearray((disks / "local" / key).read_bytes())
+    raw[-10] ^= 0xFF  # rot in the last chunk, which the API holds back until the hash is checked
+    (disks / "local" / key).write_bytes(bytes(raw))
+    cid = cid_of(key)
+    with pytest.raises(httpx.HTTPError):  # the stream stops short of Content-Length
+        with api.stream("GET", f"/v1/objects/{cid}/content") as r:
+            assert r.status_code == 200
+            received = b"".join(r.iter_bytes())
+            assert len(received) < 3 * 2**20
+            raise httpx.RemoteProtocolError("short body")  # (if the client did not notice by itself)
+    wait_for("the replica to be marked bad", lambda: replica_states("pk/")[("local", key)] == "bad", timeout=10)

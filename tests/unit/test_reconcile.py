@@ -264,3 +264,14 @@ def test_a_stored_document_that_no_longer_validates_is_skipped(apply):
     finally:
         with transaction() as s:
             stored.delete(s, "inv-broken")
+
+
+def test_passes_never_overlap():
+    from sqlalchemy import text as sql
+
+    from tasks.reconcile import PASS_LOCK
+
+    with transaction() as s:
+        assert s.execute(sql("SELECT pg_try_advisory_xact_lock(:k)"), {"k": PASS_LOCK}).scalar()
+        assert run_pass() == {"skipped": "another pass is running"}
+    assert "skipped" not in run_pass()
