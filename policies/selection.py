@@ -69,7 +69,8 @@ def matches(policy: Policy, dialect: str, now: datetime) -> ColumnElement[bool]:
             clauses.append(OBJ.size <= s.size.max)
     if s.media_type:
         if s.media_type.endswith("/*"):
-            clauses.append(under_prefix(OBJ.media_type, s.media_type[:-1]))
+            whole_type = s.media_type[:-1]  # "text/"
+            clauses.append(func.substr(OBJ.media_type, 1, len(whole_type)) == whole_type)
         else:
             clauses.append(OBJ.media_type == s.media_type)
     if s.age is not None:

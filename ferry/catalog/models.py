@@ -30,6 +30,10 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 # Tags and metadata are matched by policies: JSONB on Postgres gives containment (@>).
 Document = JSON().with_variant(JSONB(), "postgresql")
 
+# Object keys compare by code point, as S3 lists them, on both databases (SQLite's BINARY is
+# already that): a key prefix is then an exact range the (backend, key) index serves.
+ObjectKey = String(1024).with_variant(String(1024, collation="C"), "postgresql")
+
 # SQLite only auto-increments INTEGER PRIMARY KEY; Postgres gets a 64-bit identity.
 BigId = BigInteger().with_variant(Integer, "sqlite")
 
@@ -180,7 +184,7 @@ class Replica(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     object_id: Mapped[int] = mapped_column(ForeignKey("objects.id", ondelete="CASCADE"), index=True)
     backend: Mapped[str] = mapped_column(ForeignKey("backends.name"))
-    key: Mapped[str] = mapped_column(String(1024))
+    key: Mapped[str] = mapped_column(ObjectKey)
     state: Mapped[ReplicaState] = mapped_column(_enum(ReplicaState, "replica_state"))
     verified_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_error: Mapped[str | None] = mapped_column(Text)

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Row, bindparam, func, select, text, true, update
+from sqlalchemy import Row, and_, bindparam, func, select, text, true, update
 from sqlalchemy.orm import Session, selectinload
 
 from ferry.catalog.db import dialect_insert
@@ -259,10 +259,10 @@ def label_objects(session: Session, object_ids: Iterable[int], *, tags: Sequence
 
 
 def under_prefix(column: Any, prefix: str) -> Any:
-    """`column` starts with `prefix` (LIKE, escaped). Postgres serves LIKE 'p%' from a btree
-    only under the C collation; a range bound would, but is not exact under linguistic
-    collations, so the exact form stays until keys get a "C"-collated index."""
+    """`column` (an object key: code point order on both databases) starts with `prefix`: a
+    range the (backend, key) index serves, then an exact, case-sensitive comparison (SQLite's
+    LIKE ignores ASCII case, Postgres's uses no index outside the C collation)."""
     if not prefix:
         return true()
-    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-    return column.like(escaped, escape="\\")
+    return and_(column >= prefix, column < prefix + "\U0010ffff",
+                func.substr(column, 1, len(prefix)) == prefix)

@@ -83,3 +83,35 @@ def test_selectors_transitions_and_retention_on_sqlite(sqlite_catalog):
         assert planner.status(s, q) == {"matched": 3, "converged": 0, "replicating": 3, "stuck": 0, "bad": 0,
                                         "lost": 0}
         assert planner.plan(s, q, [], 1000)["copy"]["objects"] == 0  # all in flight already
+
+
+KEYS = ["Ph/a", "ph/a", "ph/", "ph", "ph_/x", "ph%/x", "ph/\u00e9t\u00e9", "phx/a", "ph0"]
+
+
+@pytest.mark.parametrize("prefix,expected", [
+    ("ph/", {"ph/a", "ph/", "ph/\u00e9t\u00e9"}),          # case-sensitive, no neighbours
+    ("ph_", {"ph_/x"}), ("ph%", {"ph%/x"}),                 # LIKE's wildcards are plain characters
+    ("ph/\u00e9", {"ph/\u00e9t\u00e9"}),
+])
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_a_key_prefix_is_exact_on_both_databases(tmp_path, monkeypatch, database, prefix, expected):
+    from ferry.catalog.migrate import upgrade
+    from ferry.catalog.models import Replica
+    from ferry.catalog.replicas import sync_backends, under_prefix
+
+    if database == "sqlite":
+        monkeypatch.setenv("FERRY_DATABASE_URL", f"sqlite:///{tmp_path / 'keys.db'}")
+        get_settings.cache_clear()
+        upgrade()
+    try:
+        with transaction() as s:
+            sync_backends(s, get_settings().backends())
+            record(s, [ReplicaFact("archive", f"kp-{database}/{k}", "present", f"cid-kp-{database}-{k}", "0" * 64, 1)
+                       for k in KEYS])
+            found = {k.removeprefix(f"kp-{database}/") for k in s.scalars(
+                select(Replica.key).where(Replica.backend == "archive",
+                                          under_prefix(Replica.key, f"kp-{database}/{prefix}")))}
+        assert found == expected
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
