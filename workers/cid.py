@@ -199,3 +199,23 @@ def digest_bytes(data: bytes) -> Digest:
     hasher = ContentHasher()
     hasher.update(data)
     return hasher.digest()
+
+
+_BASE58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+
+
+def normalize_cid(cid: str) -> str:
+    """A CIDv1 in the base32 form Ferry stores ("b..."), from base32 or base58btc ("z...",
+    what js-ipfs prints for CIDv1). CIDv0 ("Qm...") and other bases are refused."""
+    if cid.startswith("b"):
+        return cid.lower()
+    if cid.startswith("z"):
+        n = 0
+        for ch in cid[1:]:
+            digit = _BASE58.find(ch)
+            if digit < 0:
+                raise ValueError(f"{cid!r} is not base58btc")
+            n = n * 58 + digit
+        raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
+        return _cid_string(raw)
+    raise ValueError(f"{cid!r}: only CIDv1 in base32 (b...) or base58btc (z...) is understood")

@@ -169,3 +169,14 @@ def test_memory_does_not_grow_with_size() -> None:
     finally:
         tracemalloc.stop()
     assert peak < 3 * CHUNK
+
+
+def test_normalize_cid_turns_base58btc_into_base32_and_refuses_the_rest():
+    from workers.cid import normalize_cid
+
+    b32 = "bafybeie5hltw2wu4xqop2ku4hbk7lrj3qhltti5cx665uxv3nvccjxym4q"
+    assert normalize_cid("zdj7Wg1fBYZo7yR8EcoLvrRu7Q2Bwbb7pG47EKTf5234ALJYK") == b32  # js-ipfs's form
+    assert normalize_cid(b32) == b32
+    for bad in ("QmRaaUwTNfwgFZpeUy8qrZwrp2dY4kCKmmB5xEqvH3vtD1", "z0OIl", "mAXASIA"):
+        with pytest.raises(ValueError):
+            normalize_cid(bad)
