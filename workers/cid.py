@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 CHUNK = 262144
@@ -76,7 +77,7 @@ def _raw_leaf(block: bytes | memoryview) -> _Node:
     return _Node(_RAW_PREFIX + hashlib.sha256(block).digest(), n, n)
 
 
-def _parent(children: list[_Node]) -> _Node:
+def _parent(children: list[_Node]) -> tuple[_Node, bytes]:
     """Encode a dag-pb node linking `children` in canonical dag-pb form.
 
     Serialized field order is Links (field 2, each a PBLink of Hash=1, Name=2, Tsize=3)
@@ -97,7 +98,7 @@ def _parent(children: list[_Node]) -> _Node:
     data = _UNIXFS_FILE_TYPE + b"\x18" + _varint(filesize) + b"".join(blocksizes)
     parts.append(b"\x0a" + _varint(len(data)) + data)
     block = b"".join(parts)
-    return _Node(_DAG_PB_PREFIX + hashlib.sha256(block).digest(), len(block) + tsize, filesize)
+    return _Node(_DAG_PB_PREFIX + hashlib.sha256(block).digest(), len(block) + tsize, filesize), block
 
 
 class ContentHasher:
@@ -108,7 +109,10 @@ class ContentHasher:
     Kubo's; other values exist so deep trees can be tested with small inputs.
     """
 
-    def __init__(self, *, chunk_size: int = CHUNK, max_links: int = MAX_LINKS) -> None:
+    def __init__(self, *, chunk_size: int = CHUNK, max_links: int = MAX_LINKS,
+                 on_block: Callable[[bytes, bytes], None] | None = None) -> None:
+        """`on_block(cid, block)` receives every block of the DAG as it is finished
+        (leaves in order, each parent after its children): what a CAR writer needs."""
         if chunk_size < 1:
             raise ValueError("chunk_size must be at least 1")
         if max_links < 2:
@@ -122,6 +126,7 @@ class ContentHasher:
         # _levels[0] holds leaves, _levels[k] nodes of height k not yet given a parent.
         self._levels: list[list[_Node]] = [[]]
         self._digest: Digest | None = None
+        self._on_block = on_block
 
     def update(self, data: bytes | bytearray | memoryview) -> None:
         if self._digest is not None:
@@ -141,11 +146,11 @@ class ContentHasher:
             pos = take
             if len(self._partial) < chunk:
                 return
-            self._push(0, _raw_leaf(self._partial))
+            self._push(0, self._leaf(self._partial))
             self._partial.clear()
         # Whole chunks inside the piece are hashed in place through memoryview slices.
         while n - pos >= chunk:
-            self._push(0, _raw_leaf(view[pos : pos + chunk]))
+            self._push(0, self._leaf(view[pos : pos + chunk]))
             pos += chunk
         if pos < n:
             self._partial += view[pos:]
@@ -160,11 +165,23 @@ class ContentHasher:
         if self._digest is None:
             if self._partial or self._size == 0:
                 # The empty file is one empty raw block, as in the reference importer.
-                self._push(0, _raw_leaf(bytes(self._partial)))
+                self._push(0, self._leaf(bytes(self._partial)))
                 self._partial.clear()
             root = self._finish()
             self._digest = Digest(self._size, self._sha.hexdigest(), _cid_string(root.cid))
         return self._digest
+
+    def _leaf(self, block: bytes | bytearray | memoryview) -> _Node:
+        node = _raw_leaf(block)
+        if self._on_block is not None:
+            self._on_block(node.cid, bytes(block))
+        return node
+
+    def _parent(self, children: list[_Node]) -> _Node:
+        node, block = _parent(children)
+        if self._on_block is not None:
+            self._on_block(node.cid, block)
+        return node
 
     def _push(self, height: int, node: _Node) -> None:
         # A full run of max_links is closed at once: the balanced layout groups each level
@@ -176,7 +193,7 @@ class ContentHasher:
             level.append(node)
             if len(level) < self._max_links:
                 return
-            node = _parent(level)
+            node = self._parent(level)
             level.clear()
             height += 1
 
@@ -189,7 +206,7 @@ class ContentHasher:
             if height == len(self._levels) - 1 and len(level) == 1:
                 return level[0]
             if level:
-                self._push(height + 1, _parent(level))
+                self._push(height + 1, self._parent(level))
                 level.clear()
             height += 1
 
