@@ -242,7 +242,7 @@ class Selector(_Model):
     """The object has all these tags."""
     backend: str | None = Field(None, pattern=NAME)
     """The object has a replica on this backend."""
-    prefix: str | None = None
+    prefix: str | None = Field(None, max_length=1024)
     """The object's key starts with this (on `backend` if given, else on any backend)."""
     size: SizeRange | None = None
     media_type: str | None = Field(None, pattern=r"^[\w.+-]+/(\*|[\w.+-]+)$")
@@ -257,6 +257,19 @@ class Selector(_Model):
     @classmethod
     def _tags_as_set(cls, tags: list[str]) -> list[str]:
         return sorted(set(tags))
+
+    @field_validator("tags", "prefix", "metadata")
+    @classmethod
+    def _no_control_characters(cls, value: Any) -> Any:
+        # No key, tag or metadata value can hold them, and Postgres refuses NUL in text and
+        # JSONB: refused here, they would fail every reconcile pass instead.
+        texts = (value if isinstance(value, list) else [value] if isinstance(value, str)
+                 else [*value.keys(), *(v for v in value.values() if isinstance(v, str))] if isinstance(value, dict)
+                 else [])
+        for text in texts:
+            if any(ord(ch) < 0x20 or ch == "\x7f" for ch in text):
+                raise ValueError(f"{text!r} holds a control character")
+        return value
 
 
 class Replicas(_Model):

@@ -355,3 +355,15 @@ def test_document_must_be_a_mapping(text):
 def test_a_key_given_twice_is_refused_with_its_line():
     with pytest.raises(InvalidPolicy, match=r"line 4.*'replicas' is given twice"):
         Policy.from_yaml("name: a\nplacement:\n  replicas: 2\n  replicas: 3\n")
+
+
+@pytest.mark.parametrize("selector,field", [
+    ({"prefix": "a\x00b"}, "selector.prefix"),
+    ({"tags": ["ok", "bad\nline"]}, "selector.tags"),
+    ({"metadata": {"k": "v\x00"}}, "selector.metadata"),
+    ({"metadata": {"k\x01": "v"}}, "selector.metadata"),
+])
+def test_control_characters_in_a_selector_are_refused(selector, field):
+    with pytest.raises(InvalidPolicy, match="control character") as err:
+        Policy.from_dict({"name": "cc", "selector": selector, "verification": {"every": "7d"}})
+    assert err.value.field == field
