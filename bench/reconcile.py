@@ -727,6 +727,37 @@ class Bench:
 
     # -- run and tear-down ----------------------------------------------------------
 
+    def status_and_plan(self) -> None:
+        """What `ferry policy status` and `ferry policy plan` cost on this catalog, per
+        policy: status is one aggregate query over every matched object, plan runs the
+        pass's queries over every range without enqueueing."""
+        from ferry.catalog import policies as stored
+        from ferry.catalog.db import transaction
+        from ferry.catalog.models import utcnow
+        from ferry.settings import get_settings
+        from policies import planner
+        from policies.schema import Policy
+
+        labels = {n: dict(spec.labels) for n, spec in get_settings().backends().items()}
+        status_s, plan_s = {}, {}
+        with transaction() as session:
+            rows = stored.active(session)
+            queries = {r.name: planner.PolicyQueries(Policy.from_dict(r.document), labels, "postgresql", utcnow())
+                       for r in rows}
+            for name, q in queries.items():
+                t = time.perf_counter()
+                counts = planner.status(session, q)
+                status_s[name] = round(time.perf_counter() - t, 2)
+                if counts["converged"] != counts["matched"] and q.stages is not None:
+                    raise RuntimeError(f"policy {name} is not converged by its status: {counts}")
+                t = time.perf_counter()
+                planner.plan(session, q, [o for o in queries.values() if o is not q],
+                             get_settings().reconcile_batch_objects)
+                plan_s[name] = round(time.perf_counter() - t, 2)
+        self.out["policy_status_s"] = status_s
+        self.out["policy_plan_s"] = plan_s
+        log(f"  policy status {status_s}  plan {plan_s}")
+
     def run(self) -> dict[str, Any]:
         from migrate import git_commit
 
@@ -736,6 +767,7 @@ class Bench:
         self.setup()
         self.load()
         self.reconcile()
+        self.status_and_plan()
         if self.args.scrub_mib > 0:
             self.scrub()
         self.work_pass()
