@@ -191,3 +191,21 @@ def test_published_openapi_file_is_current(spec):
         SPEC_FILE.write_text(text)
     assert SPEC_FILE.exists() and SPEC_FILE.read_text() == text, \
         "docs/openapi.json is stale: FERRY_WRITE_OPENAPI=1 pytest tests/unit/test_api.py"
+
+
+def test_an_interval_policy_runs_at_once_and_a_cron_one_waits(client):
+    from datetime import UTC, datetime, timedelta
+
+    now = datetime.now(UTC)
+    try:
+        r = client.post("/v1/policies", json={"yaml": "name: every-6h\nverification: {every: 7d}\n"
+                                                      "schedule: {every: 6h}\n"})
+        assert r.status_code == 201, r.get_json()
+        assert datetime.fromisoformat(r.get_json()["next_run_at"]) - now < timedelta(minutes=1)
+        r = client.post("/v1/policies", json={"yaml": "name: nightly\nverification: {every: 7d}\n"
+                                                      "schedule: {cron: '0 2 * * *'}\n"})
+        nxt = datetime.fromisoformat(r.get_json()["next_run_at"])
+        assert nxt > now and (nxt.hour, nxt.minute) == (2, 0)
+    finally:
+        client.delete("/v1/policies/every-6h")
+        client.delete("/v1/policies/nightly")
