@@ -58,6 +58,12 @@ class UnknownBackend(InvalidRequest):
     code = "unknown_backend"
 
 
+class ReadOnlyBackend(InvalidRequest):
+    """Raised when something would be written to or deleted from a read-only backend."""
+
+    code = "read_only_backend"
+
+
 class InvalidPolicy(InvalidRequest):
     """Raised when a policy document fails its schema; `field` names the path of the fault."""
 

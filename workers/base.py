@@ -26,6 +26,15 @@ MAX_KEY_LENGTH = 1024
 
 
 @dataclass(frozen=True, slots=True)
+class Capacity:
+    """Space a backend reports: bytes used by its storage and the most it may use (None
+    when it has no set limit)."""
+
+    used: int
+    limit: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ObjectStat:
     """What a backend knows about one stored object without reading it."""
 
@@ -87,6 +96,14 @@ class Backend(abc.ABC):
 
     driver: ClassVar[str]
     Config: ClassVar[type[DriverConfig]] = DriverConfig
+    # Content-addressed: an object's key is its CID (workers.cid), fixed by its bytes, so a
+    # copy's destination key comes from the digest, not from the source's key. `write`
+    # refuses bytes whose CID is not the key (ChecksumMismatch) and `list` yields CIDs.
+    content_addressed: ClassVar[bool] = False
+    # Read-only: a retrieval source Ferry does not control (a public gateway). `write` and
+    # `delete` raise ReadOnlyBackend; nothing is ever placed there, and a migration from it
+    # leaves it as it is.
+    read_only: ClassVar[bool] = False
 
     def __init__(self, name: str, config: DriverConfig):
         self.name = name
@@ -117,6 +134,10 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def check(self) -> None:
         """Return if the backend answers as its protocol promises; else BackendUnavailable."""
+
+    def capacity(self) -> Capacity | None:
+        """Space used and available, where the backend can say (None where it cannot)."""
+        return None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"

@@ -236,3 +236,34 @@ def normalize_cid(cid: str) -> str:
         raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
         return _cid_string(raw)
     raise ValueError(f"{cid!r}: only CIDv1 in base32 (b...) or base58btc (z...) is understood")
+
+
+_KNOWN_CODECS = {0x55: "raw", 0x70: "dag-pb"}
+
+
+def check_cid(key: str) -> str:
+    """The key of an object on a content-addressed backend: a CIDv1 of sha2-256 over a raw
+    or dag-pb block, in base32 or base58btc. Returns it in Ferry's base32 form; anything
+    else (a path, CIDv0, another hash or codec, bad characters) raises InvalidKey."""
+    from ferry.errors import InvalidKey
+
+    def refuse(why: str) -> InvalidKey:
+        return InvalidKey(f"{key!r} is not a CID Ferry can hold here: {why}", field="key")
+
+    if not isinstance(key, str) or not key:
+        raise refuse("empty")
+    if key.startswith("Qm"):
+        raise refuse("CIDv0; Ferry names IPFS objects by CIDv1 (ipfs add --cid-version=1)")
+    try:
+        cid = normalize_cid(key)
+        body = cid[1:].upper()
+        if not body.isalnum() or len(body) > 200:
+            raise ValueError("not base32")
+        raw = base64.b32decode(body + "=" * (-len(body) % 8))
+    except ValueError as exc:  # binascii.Error is a ValueError
+        raise refuse(str(exc)) from None
+    if len(raw) != 36 or raw[0] != 1 or raw[1] not in _KNOWN_CODECS or raw[2:4] != b"\x12\x20":
+        raise refuse("only CIDv1 of sha2-256 over raw or dag-pb blocks are understood")
+    if _cid_string(raw) != cid:
+        raise refuse("not in canonical form")
+    return cid
