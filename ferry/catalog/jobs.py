@@ -200,9 +200,10 @@ def renew_lease(session: Session, job_id: uuid.UUID, seqs: Sequence[int], *, lea
 
 
 def finish_items(session: Session, job_id: uuid.UUID, outcomes: Sequence[dict[str, Any]]) -> None:
-    """Record outcomes in bulk: dicts of seq, state, error, size, object_id. Only running
-    items change, so a late duplicate cannot overwrite a result. An item goes back to
-    `queued` when its work is to be retried later."""
+    """Record outcomes in bulk: dicts of seq, state, error, size, object_id and, for a copy
+    to a content-addressed backend, dest_key (the CID its bytes made). Only running items
+    change, so a late duplicate cannot overwrite a result. An item goes back to `queued`
+    when its work is to be retried later."""
     if not outcomes:
         return
     now = utcnow()
@@ -210,15 +211,18 @@ def finish_items(session: Session, job_id: uuid.UUID, outcomes: Sequence[dict[st
         # One statement over arrays instead of one per item: this runs for every batch.
         session.execute(text(
             "UPDATE job_items AS j SET state = v.state, error = v.error, size = v.size, "
-            "object_id = COALESCE(v.object_id, j.object_id), lease_until = NULL, bytes_copied = NULL, updated_at = :now, "
+            "object_id = COALESCE(v.object_id, j.object_id), dest_key = COALESCE(v.dest_key, j.dest_key), "
+            "lease_until = NULL, bytes_copied = NULL, updated_at = :now, "
             "enqueued_at = CASE WHEN v.state = 'queued' THEN CAST(:now AS timestamptz) END "
             "FROM unnest(CAST(:seqs AS integer[]), CAST(:states AS text[]), CAST(:errors AS text[]), "
-            "CAST(:sizes AS bigint[]), CAST(:objects AS bigint[])) AS v(seq, state, error, size, object_id) "
+            "CAST(:sizes AS bigint[]), CAST(:objects AS bigint[]), CAST(:keys AS text[])) "
+            "AS v(seq, state, error, size, object_id, dest_key) "
             "WHERE j.job_id = :job AND j.seq = v.seq AND j.state = 'running'"),
             {"job": job_id, "now": now, "seqs": [o["seq"] for o in outcomes],
              "states": [ItemState(o["state"]).value for o in outcomes],
              "errors": [o.get("error") for o in outcomes], "sizes": [o.get("size") for o in outcomes],
-             "objects": [o.get("object_id") for o in outcomes]})
+             "objects": [o.get("object_id") for o in outcomes],
+             "keys": [o.get("dest_key") for o in outcomes]})
         return
     t = JobItem.__table__
     stmt = (
@@ -226,12 +230,14 @@ def finish_items(session: Session, job_id: uuid.UUID, outcomes: Sequence[dict[st
         .where(t.c.job_id == bindparam("b_job"), t.c.seq == bindparam("b_seq"),
                t.c.state == ItemState.running.value)
         .values(state=bindparam("b_state"), error=bindparam("b_error"), size=bindparam("b_size"),
-                object_id=func.coalesce(bindparam("b_object"), t.c.object_id), lease_until=None, bytes_copied=None, updated_at=now,
+                object_id=func.coalesce(bindparam("b_object"), t.c.object_id),
+                dest_key=func.coalesce(bindparam("b_key"), t.c.dest_key), lease_until=None, bytes_copied=None, updated_at=now,
                 enqueued_at=bindparam("b_enqueued"))
     )
     session.connection().execute(stmt, [
         {"b_job": job_id, "b_seq": o["seq"], "b_state": ItemState(o["state"]).value,
          "b_error": o.get("error"), "b_size": o.get("size"), "b_object": o.get("object_id"),
+         "b_key": o.get("dest_key"),
          "b_enqueued": now if o["state"] == ItemState.queued else None}
         for o in outcomes
     ])

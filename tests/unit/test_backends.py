@@ -1,10 +1,15 @@
 """The storage backend contract, run against every driver.
 
 Each contract test takes the `backend` fixture, parametrized over the drivers: "local"
-on a temporary directory and "s3" on a fresh bucket of a moto server on loopback (see
-tests/fixtures/s3peer.py). The S3 backend is given a 5 MiB multipart threshold and part
-size, S3's minimum, so the larger cases go through multipart upload. Backends are built
-through workers.registry from a BackendSpec, as workers build them.
+on a temporary directory, "s3" on a fresh bucket of a moto server on loopback (see
+tests/fixtures/s3peer.py) and "ipfs" on the real IPFS node (tests/fixtures/ipfsnode.py).
+The S3 backend is given a 5 MiB multipart threshold and part size, S3's minimum, so the
+larger cases go through multipart upload. Backends are built through workers.registry
+from a BackendSpec, as workers build them.
+
+On a content-addressed backend (IPFS) an object's key is its CID: `key_of` names test
+objects by their bytes there, and the cases about chosen names (overwrite, listing by
+path) have content-addressed counterparts instead.
 
 Tests of one driver only (symlinks, S3 error mapping, settings) come after the contract.
 """
@@ -30,8 +35,10 @@ from ferry.errors import (
     KeyNotFound,
 )
 from ferry.settings import BackendSpec
+from ferry.errors import ChecksumMismatch
 from workers import registry
 from workers.base import Backend, ObjectStat
+from workers.cid import ContentHasher, digest_bytes
 
 MiB = 1024 * 1024
 S3_PREFIX = "ferry/"
@@ -55,14 +62,29 @@ def s3_settings(endpoint: str, bucket: str, **extra) -> dict:
     }
 
 
-@pytest.fixture(params=["local", "s3"])
-def backend(request, tmp_path) -> Backend:
+@pytest.fixture(params=["local", "s3", "ipfs"])
+def backend(request, tmp_path) -> Iterator[Backend]:
+    # Peers are looked up here so local-only runs never start the S3 server or IPFS node.
     if request.param == "local":
-        return build("local", root=str(tmp_path / "root"))
-    # Looked up here so local-only runs never start the S3 server.
-    endpoint = request.getfixturevalue("s3_server")
-    bucket = request.getfixturevalue("s3_bucket")
-    return build("s3", **s3_settings(endpoint, bucket))
+        yield build("local", root=str(tmp_path / "root"))
+    elif request.param == "s3":
+        yield build("s3", **s3_settings(request.getfixturevalue("s3_server"), request.getfixturevalue("s3_bucket")))
+    else:
+        node = request.getfixturevalue("ipfs_node")
+        backend = build("ipfs", api_url=node.api_url, timeout=10)
+        backend.pins_before = set(pins(backend))
+        yield backend
+        for cid in set(pins(backend)) - backend.pins_before:  # the node is shared by the session
+            backend.delete(cid)
+
+
+def pins(backend: Backend) -> list[str]:
+    return [s.key for s in backend.list()]
+
+
+def key_of(backend: Backend, name: str, data: bytes) -> str:
+    """The key test data is stored under: its name, or its CID where keys are CIDs."""
+    return digest_bytes(data).cid if backend.content_addressed else name
 
 
 # -- helpers reaching behind a backend, to see what it really left in storage ----------
@@ -75,6 +97,8 @@ def raw_contents(backend: Backend) -> list[str]:
     if backend.driver == "local":
         root = Path(backend.root)
         return sorted(str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir())
+    if backend.driver == "ipfs":  # what is pinned (unpinned blocks are the node's to collect)
+        return sorted(set(pins(backend)) - backend.pins_before)
     client, bucket = backend.client, backend.config.bucket
     found = [item["Key"] for item in client.list_objects_v2(Bucket=bucket).get("Contents", ())]
     found += [f"upload:{u['Key']}" for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", ())]
@@ -118,18 +142,22 @@ def keys(stats: Iterator[ObjectStat]) -> list[str]:
 @pytest.mark.parametrize("announce", [True, False], ids=["sized", "unsized"])
 def test_round_trip(backend, size, announce):
     data = payload(size)
-    written = backend.write("dir/obj.bin", chunked(data), size=size if announce else None)
+    key = key_of(backend, "dir/obj.bin", data)
+    written = backend.write(key, chunked(data), size=size if announce else None)
     assert written == size
-    assert read_all(backend, "dir/obj.bin") == data
-    stat = backend.stat("dir/obj.bin")
-    assert (stat.key, stat.size) == ("dir/obj.bin", size)
-    assert stat.mtime is not None and abs(stat.mtime - time.time()) < 3600
+    assert read_all(backend, key) == data
+    stat = backend.stat(key)
+    assert (stat.key, stat.size) == (key, size)
+    if not backend.content_addressed:  # an IPFS object has no time of its own
+        assert stat.mtime is not None and abs(stat.mtime - time.time()) < 3600
     if backend.driver == "s3":  # S3 marks a multipart object's ETag with its part count
         assert stat.etag is not None and stat.etag.endswith("-3") == (size == 12 * MiB)
-    assert raw_contents(backend) == [("ferry/" if backend.driver == "s3" else "") + "dir/obj.bin"]
+    assert raw_contents(backend) == [("ferry/" if backend.driver == "s3" else "") + key]
 
 
 def test_overwrite_replaces(backend):
+    if backend.content_addressed:
+        pytest.skip("a CID names one content: see test_content_addressed_write_checks_the_cid")
     backend.write("k", [b"old"], size=3)
     big = payload(6 * MiB)
     backend.write("k", chunked(big))  # small to multipart-sized
@@ -141,6 +169,16 @@ def test_overwrite_replaces(backend):
 
 
 def test_missing_keys(backend):
+    if backend.content_addressed:
+        absent = digest_bytes(b"never stored " + os.urandom(8)).cid
+        started = time.monotonic()
+        with pytest.raises(KeyNotFound):
+            backend.stat(absent)
+        with pytest.raises(KeyNotFound):
+            backend.read(absent)
+        assert backend.delete(absent) is False
+        assert time.monotonic() - started < 5  # answered, not searched for until a timeout
+        return
     with pytest.raises(KeyNotFound):
         backend.stat("nope")
     with pytest.raises(KeyNotFound):
@@ -158,22 +196,26 @@ def test_missing_keys(backend):
 
 
 def test_delete(backend):
-    backend.write("a/b/c", [b"data"])
-    backend.write("a/keep", [b"data"])
-    assert backend.delete("a/b/c") is True
-    assert backend.delete("a/b/c") is False
+    gone, kept = key_of(backend, "a/b/c", b"data"), key_of(backend, "a/keep", b"kept")
+    backend.write(gone, [b"data"])
+    backend.write(kept, [b"kept"])
+    assert backend.delete(gone) is True
+    assert backend.delete(gone) is False
     with pytest.raises(KeyNotFound):
-        backend.stat("a/b/c")
-    assert keys(backend.list()) == ["a/keep"]
+        backend.stat(gone)
+    assert [k for k in keys(backend.list()) if k in (gone, kept)] == [kept]
     # The key can be written again where it was.
-    backend.write("a/b/c", [b"again"])
-    assert read_all(backend, "a/b/c") == b"again"
+    again = b"again" if not backend.content_addressed else b"data"
+    backend.write(gone, [again])
+    assert read_all(backend, gone) == again
 
 
 LIST_KEYS = ["a-b", "a.txt", "a/b.txt", "a/b/x", "a/bc/d", "a/c", "a0", "ab", "b/z", "z", "ü/1"]
 
 
 def test_list(backend):
+    if backend.content_addressed:
+        pytest.skip("keys are CIDs: see test_content_addressed_list")
     for i, key in enumerate(reversed(LIST_KEYS)):
         backend.write(key, [b"x" * i])
     plant_write_in_progress(backend, "a/pending")
@@ -234,27 +276,30 @@ class SourceBroke(Exception):
 @pytest.mark.parametrize("announce", [True, False], ids=["sized", "unsized"])
 def test_failed_write_leaves_nothing(backend, size, announce):
     old = b"the old object"
-    backend.write("kept", [old])
+    kept = key_of(backend, "kept", old)
+    backend.write(kept, [old])
+    new = key_of(backend, "new", payload(size))
 
     def breaks_midway():
         data = payload(size)
         yield from chunked(data[: size * 3 // 4])  # past the first part when multipart
         raise SourceBroke("upstream read failed")
 
-    for key in ("new", "kept"):
+    for key in (new, kept):
         # The caller's own error comes through as it is, not as a backend error.
         with pytest.raises(SourceBroke):
             backend.write(key, breaks_midway(), size=size if announce else None)
     with pytest.raises(KeyNotFound):
-        backend.stat("new")
-    assert read_all(backend, "kept") == old  # an overwrite that fails keeps the old object
-    assert raw_contents(backend) == [("ferry/" if backend.driver == "s3" else "") + "kept"]
+        backend.stat(new)
+    assert read_all(backend, kept) == old  # an overwrite that fails keeps the old object
+    assert raw_contents(backend) == [("ferry/" if backend.driver == "s3" else "") + kept]
 
 
 @pytest.mark.parametrize(("announced", "actual"), [(10, 5), (5, 10), (12 * MiB, 11 * MiB), (6 * MiB, 7 * MiB)])
 def test_wrong_announced_size_is_refused(backend, announced, actual):
+    data = payload(actual)
     with pytest.raises(BackendError, match="announced"):
-        backend.write("k", chunked(payload(actual)), size=announced)
+        backend.write(key_of(backend, "k", data), chunked(data), size=announced)
     assert raw_contents(backend) == []
 
 
@@ -266,36 +311,95 @@ def test_write_streams_in_bounded_memory(backend):
             yield bytes(MiB)  # a new object each time: keeping them would show
 
     backend.check()  # builds the S3 client first: its service model alone is ~10 MiB
+    key = "big"
+    if backend.content_addressed:
+        hasher = ContentHasher()
+        for chunk in source():
+            hasher.update(chunk)
+        key = hasher.digest().cid
     tracemalloc.start()
     try:
-        written = backend.write("big", source())
+        written = backend.write(key, source())
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     assert written == size
     # S3 holds one 5 MiB part (plus the chunk filling it); local disk about one chunk.
-    limit = {"local": 4 * MiB, "s3": 10 * MiB}[backend.driver]
+    limit = {"local": 4 * MiB, "s3": 10 * MiB, "ipfs": 4 * MiB}[backend.driver]
     assert peak < limit, f"peak {peak / MiB:.1f} MiB while writing 64 MiB"
-    assert backend.stat("big").size == size
+    assert backend.stat(key).size == size
 
 
 def test_read_closes_early_and_when_dropped(backend):
     data = payload(3 * MiB)
-    backend.write("k", [data])
-    chunks = backend.read("k", MiB)
+    key = key_of(backend, "k", data)
+    backend.write(key, [data])
+    chunks = backend.read(key, MiB)
     assert next(chunks) == data[:MiB]
     chunks.close()
     assert list(chunks) == []
     # Dropped unread: the file or connection is released without a ResourceWarning
     # (which filterwarnings=error would turn into a failure).
-    unread = backend.read("k")
+    unread = backend.read(key)
     del unread
     gc.collect()
-    assert read_all(backend, "k") == data
+    assert read_all(backend, key) == data
 
 
 def test_check_passes(backend):
     backend.check()
+
+
+# -- content-addressed backends: the key is the CID of the bytes -------------------------
+
+
+@pytest.fixture
+def ca_backend(backend) -> Backend:
+    if not backend.content_addressed:
+        pytest.skip("named keys: see test_overwrite_replaces and test_list")
+    return backend
+
+
+def test_content_addressed_write_checks_the_cid(ca_backend):
+    backend = ca_backend
+    data, other = payload(MiB + 5), payload(MiB + 6)
+    key = digest_bytes(data).cid
+    with pytest.raises(ChecksumMismatch, match=key):
+        backend.write(key, chunked(other))  # bytes that make another CID
+    assert raw_contents(backend) == []  # nothing pinned, not even the other bytes' CID
+    assert backend.write(key, chunked(data)) == len(data)
+    assert backend.write(key, chunked(data)) == len(data)  # the same again: no change
+    assert raw_contents(backend) == [key]
+    # The base58btc form (what js-ipfs prints) names the same object, answered in base32.
+    assert backend.stat(base58btc(key)) == backend.stat(key)
+    with pytest.raises(InvalidKey, match="CIDv0"):
+        backend.stat("QmUNLLsPACCz1vLxQVkXqqLX5R1X345qqfHbsf67hvA3Nn")
+
+
+def base58btc(cid: str) -> str:
+    from workers.car import cid_bytes
+    from workers.cid import _BASE58
+
+    n, out = int.from_bytes(cid_bytes(cid), "big"), ""
+    while n:
+        n, digit = divmod(n, 58)
+        out = _BASE58[digit] + out
+    return "z" + out
+
+
+def test_content_addressed_list(ca_backend):
+    backend = ca_backend
+    stored = {digest_bytes(payload(n)).cid: n for n in (0, 1, 300_000, 2 * MiB)}
+    for cid, n in stored.items():
+        backend.write(cid, chunked(payload(n)))
+    listed = [s for s in backend.list() if s.key in stored]
+    assert [s.key for s in listed] == sorted(stored)
+    assert all(s.size == stored[s.key] for s in listed)
+    one = sorted(stored)[-1]
+    assert [s.key for s in backend.list(one)] == [one]
+    assert [s.key for s in backend.list(one[:12]) if s.key in stored] == [k for k in sorted(stored)
+                                                                           if k.startswith(one[:12])]
+    assert keys(backend.list("bafkzzzz")) == []
 
 
 # -- local driver ---------------------------------------------------------------------
