@@ -41,12 +41,12 @@ def policy_out(row: PolicyRow, *, changed: bool = False, versions: list | None =
 
 def _queries(session, policy: Policy) -> tuple[planner.PolicyQueries, list[planner.PolicyQueries]]:
     """The policy's queries, and those of the other policies (whose wants protect replicas)."""
-    labels = {name: dict(spec.labels) for name, spec in get_settings().backends().items()}
+    labels, by_cid = planner.backends()
     dialect = session.get_bind().dialect.name
     now = utcnow()
-    every = [planner.PolicyQueries(Policy.from_dict(r.document), labels, dialect, now)
+    every = [planner.PolicyQueries(Policy.from_dict(r.document), labels, dialect, now, by_cid)
              for r in stored.active(session) if r.name != policy.name]
-    return planner.PolicyQueries(policy, labels, dialect, now), every
+    return planner.PolicyQueries(policy, labels, dialect, now, by_cid), every
 
 
 @operation(bp, "", "POST", summary="Create or update a policy (a new version when the document changed)",

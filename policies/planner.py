@@ -48,8 +48,10 @@ from ferry.catalog.models import (
     ReplicaState,
     StoredObject,
 )
+from ferry.settings import get_settings
 from policies.schema import Policy
 from policies.selection import Stages, matches
+from workers import registry
 
 OBJ = StoredObject.__table__.c
 REP = Replica.__table__.c
@@ -92,13 +94,29 @@ def _best_source(ids: Any) -> Any:
     )
 
 
-class PolicyQueries:
-    """The queries of one policy over one range of object ids."""
+def backends() -> tuple[dict[str, dict[str, Any]], frozenset[str]]:
+    """The labels of the backends policies may place objects on (never a read-only one,
+    such as a public gateway), and which of those are content-addressed (keyed by CID)."""
+    labels, by_cid = {}, set()
+    for name, spec in get_settings().backends().items():
+        content_addressed, read_only = registry.traits(spec.driver)
+        if not read_only:
+            labels[name] = dict(spec.labels)
+        if content_addressed:
+            by_cid.add(name)
+    return labels, frozenset(by_cid)
 
-    def __init__(self, policy: Policy, backend_labels: dict[str, dict[str, Any]], dialect: str, now: datetime):
+
+class PolicyQueries:
+    """The queries of one policy over one range of object ids. A copy to a backend in
+    `content_addressed` is keyed by the object's CID; elsewhere it keeps the source's key."""
+
+    def __init__(self, policy: Policy, backend_labels: dict[str, dict[str, Any]], dialect: str, now: datetime,
+                 content_addressed: frozenset[str] = frozenset()):
         self.policy = policy
         self.dialect = dialect
         self.now = now
+        self.content_addressed = content_addressed
         self.stages = Stages(policy, backend_labels, now) if policy.placement else None
 
     def matched(self, lo: int, hi: int, *extra: ColumnElement[bool]) -> Any:
@@ -171,16 +189,20 @@ class PolicyQueries:
         )
         src = _best_source(need.c.id)
         other = Replica.__table__.alias("other")
+        dest_key = src.c.key
+        if self.content_addressed:
+            cid = select(OBJ.cid).where(OBJ.id == pick.c.id).scalar_subquery()
+            dest_key = case((pick.c.backend.in_(sorted(self.content_addressed)), cid), else_=src.c.key)
         return (
             select(literal(ItemAction.copy.value).label("action"), pick.c.id.label("object_id"), pick.c.size,
-                   pick.c.backend.label("dest_backend"), src.c.key.label("dest_key"),
+                   pick.c.backend.label("dest_backend"), dest_key.label("dest_key"),
                    src.c.backend.label("source_backend"), src.c.key.label("source_key"),
                    case((pick.c.stage > 0, "transition"), else_="placement").label("reason"))
             .select_from(pick.join(src, and_(src.c.object_id == pick.c.id, src.c.pref == 1)))
             .where(pick.c.nth <= pick.c.k,
                    # never write over another object's replica at the same key
                    ~exists(select(1).select_from(other).where(
-                       other.c.backend == pick.c.backend, other.c.key == src.c.key,
+                       other.c.backend == pick.c.backend, other.c.key == dest_key,
                        other.c.object_id != pick.c.id, other.c.state.not_in(GONE_OR_GOING))))
         )
 

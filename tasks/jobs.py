@@ -28,7 +28,13 @@ from ferry.catalog.models import (
     StoredObject,
 )
 from ferry.catalog.replicas import under_prefix
-from ferry.errors import BackendUnavailable, FerryError, InvalidRequest, UnknownBackend
+from ferry.errors import (
+    BackendUnavailable,
+    FerryError,
+    InvalidRequest,
+    ReadOnlyBackend,
+    UnknownBackend,
+)
 from ferry.settings import get_settings
 from tasks.app import app, backoff, send_batches, send_expand
 from workers import registry
@@ -58,6 +64,10 @@ class JobRequest:
     sample: float | None = None  # verify: percent of keys checked, chosen by a hash of the key
 
     def dest_key(self, target: Target, key: str) -> str:
+        """On a content-addressed target the key is the object's CID: the source's key when
+        that is a CID too, else '' until the copy computes it."""
+        if _content_addressed(target.backend):
+            return key if _content_addressed(self.source_backend) else ""
         rel = key[len(self.prefix):] if self.prefix else key
         return target.prefix + rel
 
@@ -74,6 +84,11 @@ class JobRequest:
             return True
         # Deterministic: the same keys are in a 10% sample every time, and in every larger one.
         return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4]) % 10_000 < self.sample * 100
+
+
+def _content_addressed(backend: str) -> bool:
+    spec = get_settings().backends().get(backend)
+    return spec is not None and registry.traits(spec.driver)[0]
 
 
 def validate(request: JobRequest) -> None:
@@ -97,6 +112,13 @@ def validate(request: JobRequest) -> None:
         if t.backend not in backends:
             raise UnknownBackend(f"unknown backend {t.backend!r}", field=f"targets[{i}].backend")
         check_prefix(t.prefix)
+        content_addressed, read_only = registry.traits(backends[t.backend].driver)
+        if read_only:
+            raise ReadOnlyBackend(f"backend {t.backend!r} is read-only: it can be a source, never a target",
+                                  field=f"targets[{i}].backend")
+        if content_addressed and t.prefix:
+            raise InvalidRequest(f"backend {t.backend!r} keys objects by CID: a target prefix means nothing there",
+                                 field=f"targets[{i}].prefix")
         if t.backend in seen:
             raise InvalidRequest(f"backend {t.backend!r} is named twice", field=f"targets[{i}].backend")
         seen.add(t.backend)

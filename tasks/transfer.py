@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
@@ -251,8 +251,19 @@ class _BatchRun:
             hasher = ContentHasher()
             with self.lock:
                 self.in_flight[item.seq] = hasher
+            stored: str | None = item.dest_key  # where bytes were stored (a CID on IPFS)
             try:
-                digest = transfer.copy(src, item.source_key, dst, item.dest_key, size=item.size, hasher=hasher)
+                digest = transfer.copy(src, item.source_key, dst, item.dest_key, size=item.size, hasher=hasher,
+                                       expect_cid=expected.cid if expected is not None else None)
+                stored = digest.cid if dst.content_addressed else item.dest_key
+            except transfer.ContentDiffers as exc:
+                # The source's bytes are not the CID they should make: on a content-addressed
+                # destination nothing was kept; a keyed one was written and is removed below.
+                digest, stored = exc.digest, None if dst.content_addressed else item.dest_key
+                if expected is None or digest.sha256 == expected.sha256:
+                    if stored and (item.dest_backend, stored) not in plan.known:
+                        dst.delete(stored)
+                    raise
             except KeyNotFound as exc:
                 if expected is not None:  # the catalog had it there: that replica is missing
                     self._check(item.source_backend, item.source_key, CheckResult.missing, 0, str(exc.message))
@@ -266,21 +277,25 @@ class _BatchRun:
                 # good replica instead.
                 self._check(item.source_backend, item.source_key, CheckResult.bad, digest.size,
                             f"sha256 {digest.sha256} read while copying, expected {expected.sha256}")
-                if (item.dest_backend, item.dest_key) not in plan.known:
-                    dst.delete(item.dest_key)
+                if stored and (item.dest_backend, stored) not in plan.known:
+                    dst.delete(stored)
                 self._finish(item, ItemState.failed, error=(
                     f"source {item.source_backend}:{item.source_key} is corrupt (sha256 mismatch); "
                     "not copied, it will be copied from a good replica"))
                 return
+            if stored != item.dest_key:
+                item = replace(item, dest_key=stored)
             transfer.verify(dst, item.dest_key, digest)
             state = ItemState.done
-            facts.append(self._fact(item.source_backend, item.source_key, digest, verified=True))
+            if not src.read_only:  # a gateway's copy is not a replica Ferry keeps
+                facts.append(self._fact(item.source_backend, item.source_key, digest, verified=True))
         facts.append(self._fact(item.dest_backend, item.dest_key, digest, verified=True))
         with self.lock:
             self.facts += facts
-            if self.moves:
+            if self.moves and not src.read_only:
                 # The destination is verified; the source goes only after that is committed
-                # (the deleting fact and the delete travel through the same flush).
+                # (the deleting fact and the delete travel through the same flush). A read-only
+                # source (a gateway) stays as it is: the migration is a copy from there.
                 self.facts.append(self._fact(item.source_backend, item.source_key, digest,
                                              state=ReplicaState.deleting))
                 self.to_delete.append((item, digest, state))
@@ -358,7 +373,7 @@ class _BatchRun:
     def _finish(self, item: Item, state: ItemState, *, digest: Digest | None = None,
                 error: str | None = None) -> None:
         with self.lock:
-            self.outcomes.append({"seq": item.seq, "state": state, "error": error,
+            self.outcomes.append({"seq": item.seq, "state": state, "error": error, "dest_key": item.dest_key,
                                   "size": digest.size if digest else item.size,
                                   "cid": digest.cid if digest else None})
             if state in (ItemState.done, ItemState.skipped, ItemState.failed, ItemState.stuck):

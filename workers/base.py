@@ -135,6 +135,14 @@ class Backend(abc.ABC):
     def check(self) -> None:
         """Return if the backend answers as its protocol promises; else BackendUnavailable."""
 
+    def add(self, chunks: Iterable[bytes], size: int | None = None,
+            expect: str | Callable[[], str] | None = None) -> tuple[str, int]:
+        """Content-addressed drivers only: store the bytes under the CID they make and
+        return (CID, bytes). If `expect` (a CID, or a function called once every byte is
+        sent) differs from that CID, raise ChecksumMismatch (or let `expect` raise) and
+        keep nothing."""
+        raise NotImplementedError(f"the {self.driver} driver is not content-addressed")
+
     def capacity(self) -> Capacity | None:
         """Space used and available, where the backend can say (None where it cannot)."""
         return None

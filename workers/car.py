@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 from ferry.errors import ChecksumMismatch
 from workers.cid import ContentHasher, _cid_string, _varint
@@ -24,6 +25,19 @@ class MalformedCar(ChecksumMismatch):
     """Raised when a CAR stream is not a well-formed CARv1 of sha2-256 blocks."""
 
     code = "malformed_car"
+
+
+class SectionTooLarge(MalformedCar):
+    """Raised when a CAR section is longer than the reader's `max_section` allows."""
+
+    code = "car_section_too_large"
+
+
+class MalformedDag(ChecksumMismatch):
+    """Raised when a verified block is not part of a UnixFS file this reader can stream:
+    a directory, a link to a CID it cannot verify, sizes that contradict each other."""
+
+    code = "malformed_dag"
 
 
 def cid_bytes(cid: str) -> bytes:
@@ -182,15 +196,25 @@ def _header_roots(body: bytes) -> list[str]:
 
 class CarReader:
     """A CARv1 stream: `roots`, then `blocks()` yields (cid, codec, block) with each block's
-    sha256 checked against its CID (ChecksumMismatch names the CID that lied)."""
+    sha256 checked against its CID (ChecksumMismatch names the CID that lied).
 
-    def __init__(self, chunks: Iterable[bytes]):
+    `max_section`, when set, refuses a header or section longer than that before buffering
+    it (SectionTooLarge), so a lying peer cannot make the reader hold a huge "block"."""
+
+    def __init__(self, chunks: Iterable[bytes], max_section: int | None = None):
         self._in = _Bytes(chunks)
-        self.roots = _header_roots(self._in.take(self._in.varint()))
+        self._max = max_section
+        self.roots = _header_roots(self._in.take(self._length()))
+
+    def _length(self) -> int:
+        n = self._in.varint()
+        if self._max is not None and n > self._max:
+            raise SectionTooLarge(f"a CAR section of {n} bytes is over the {self._max}-byte limit")
+        return n
 
     def blocks(self) -> Iterator[tuple[str, int, bytes]]:
         while not self._in.at_end():
-            cid, codec, digest, block = _split_cid(self._in.take(self._in.varint()))
+            cid, codec, digest, block = _split_cid(self._in.take(self._length()))
             if hashlib.sha256(block).digest() != digest:
                 raise ChecksumMismatch(f"block {_cid_string(cid)} does not hash to its CID")
             yield _cid_string(cid), codec, block
@@ -229,3 +253,128 @@ def content(root: str, get_block: Callable[[str], tuple[int, bytes]]) -> Iterato
         raise MalformedCar(f"block {root} has codec 0x{codec:x}; a UnixFS file is dag-pb over raw leaves")
     for link in _links(block):
         yield from content(_cid_string(link), get_block)
+
+
+
+# UnixFS Data.Type values a file is made of: Raw (old importers' leaves) and File.
+UNIXFS_RAW, UNIXFS_FILE = 0, 2
+_UNIXFS_TYPES = {1: "Directory", 3: "Metadata", 4: "Symlink", 5: "HAMTShard"}
+
+
+@dataclass(frozen=True, slots=True)
+class PBLink:
+    """One dag-pb link: the binary CID it points to and its Tsize (cumulative DAG bytes)."""
+
+    cid: bytes
+    tsize: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class FileNode:
+    """A dag-pb block read as a piece of a UnixFS file: its own bytes (`data`), then the
+    bytes under each link in order, `blocksizes[i]` of them under `links[i]`."""
+
+    unixfs_type: int
+    data: bytes
+    links: list[PBLink]
+    blocksizes: list[int]
+    filesize: int | None
+
+    @property
+    def size(self) -> int:
+        """The file bytes this node stands for."""
+        return len(self.data) + sum(self.blocksizes)
+
+
+def _pb_varint(buf: bytes, pos: int, what: str) -> tuple[int, int]:
+    n = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise MalformedDag(f"{what}: a varint is cut short or too long")
+        byte = buf[pos]
+        pos += 1
+        n |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return n, pos
+        shift += 7
+
+
+def _pb_fields(buf: bytes, what: str) -> Iterator[tuple[int, int | bytes]]:
+    """(field number, value) of each field of a protobuf message: an int for varint and
+    fixed-width fields, bytes for length-delimited ones. MalformedDag if it is cut."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = _pb_varint(buf, pos, what)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _pb_varint(buf, pos, what)
+            yield field, value
+            continue
+        width = {1: 8, 5: 4}.get(wire)
+        if wire == 2:
+            width, pos = _pb_varint(buf, pos, what)
+        elif width is None:
+            raise MalformedDag(f"{what}: protobuf wire type {wire} is not valid")
+        if pos + width > len(buf):
+            raise MalformedDag(f"{what}: a field runs past the end of the block")
+        raw = buf[pos:pos + width]
+        pos += width
+        yield field, raw if wire == 2 else int.from_bytes(raw, "little")
+
+
+def decode_pb(block: bytes, what: str = "dag-pb block") -> tuple[list[PBLink], bytes | None]:
+    """The links and Data of a dag-pb node. The dag-pb spec allows no other fields."""
+    links: list[PBLink] = []
+    data: bytes | None = None
+    for field, value in _pb_fields(block, what):
+        if field == 1 and isinstance(value, bytes) and data is None:
+            data = value
+        elif field == 2 and isinstance(value, bytes):
+            cid: bytes | None = None
+            tsize: int | None = None
+            for f, v in _pb_fields(value, what):
+                if f == 1 and isinstance(v, bytes):
+                    cid = v
+                elif f == 3 and isinstance(v, int):
+                    tsize = v
+                elif not (f == 2 and isinstance(v, bytes)):  # Name: meaningless inside a file
+                    raise MalformedDag(f"{what}: a link has an unknown field {f}")
+            if cid is None:
+                raise MalformedDag(f"{what}: a link has no CID")
+            links.append(PBLink(cid, tsize))
+        else:
+            raise MalformedDag(f"{what}: field {field} is not dag-pb")
+    return links, data
+
+
+def decode_file_node(block: bytes, what: str = "dag-pb block") -> FileNode:
+    """A dag-pb block as a UnixFS File (or Raw) node, its sizes checked against each
+    other: one blocksize per link, and filesize (when set) = data + blocksizes."""
+    links, data = decode_pb(block, what)
+    if data is None:
+        raise MalformedDag(f"{what} has no UnixFS Data: it is not a UnixFS file")
+    kind: int | None = None
+    inline, filesize, blocksizes = b"", None, []
+    for field, value in _pb_fields(data, what):
+        if field == 1 and isinstance(value, int):
+            kind = value
+        elif field == 2 and isinstance(value, bytes):
+            inline = value
+        elif field == 3 and isinstance(value, int):
+            filesize = value
+        elif field == 4 and isinstance(value, int):
+            blocksizes.append(value)
+        elif field == 4 and isinstance(value, bytes):  # packed, which protobuf readers accept too
+            pos = 0
+            while pos < len(value):
+                size, pos = _pb_varint(value, pos, what)
+                blocksizes.append(size)
+    if kind not in (UNIXFS_RAW, UNIXFS_FILE):
+        name = "node without a type" if kind is None else _UNIXFS_TYPES.get(kind, f"type {kind}") + " node"
+        raise MalformedDag(f"{what} is a UnixFS {name}, not a file")
+    if len(blocksizes) != len(links):
+        raise MalformedDag(f"{what} has {len(links)} links but {len(blocksizes)} blocksizes")
+    node = FileNode(kind, inline, links, blocksizes, filesize)
+    if filesize is not None and filesize != node.size:
+        raise MalformedDag(f"{what} says filesize {filesize}, but its data and blocksizes add up to {node.size}")
+    return node

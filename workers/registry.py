@@ -44,6 +44,16 @@ def driver_class(driver: str) -> type[Backend]:
     return getattr(module, attr)
 
 
+def traits(driver: str) -> tuple[bool, bool]:
+    """(content_addressed, read_only) of a driver; a driver that is not installed here is
+    taken as neither (its workers, where it is installed, know better)."""
+    try:
+        cls = driver_class(driver)
+    except DriverNotInstalled:
+        return False, False
+    return cls.content_addressed, cls.read_only
+
+
 def build(spec: BackendSpec) -> Backend:
     """A ready backend instance for `spec`, its secret references resolved."""
     cls = driver_class(spec.driver)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 
 from ferry.errors import ChecksumMismatch
 from workers.base import Backend
-from workers.cid import ContentHasher, Digest
+from workers.cid import ContentHasher, Digest, check_cid
 
 
 def _hashed(chunks: Iterator[bytes], hasher: ContentHasher) -> Iterator[bytes]:
@@ -21,16 +21,48 @@ def _hashed(chunks: Iterator[bytes], hasher: ContentHasher) -> Iterator[bytes]:
         yield chunk
 
 
+class ContentDiffers(ChecksumMismatch):
+    """The bytes read make another CID than the one expected (nothing was stored);
+    `digest` is what they do make."""
+
+    def __init__(self, message: str, digest: Digest):
+        super().__init__(message)
+        self.digest = digest
+
+
 def copy(src: Backend, src_key: str, dst: Backend, dst_key: str, size: int | None = None,
-         hasher: ContentHasher | None = None) -> Digest:
+         hasher: ContentHasher | None = None, expect_cid: str | None = None) -> Digest:
     """Copy one object; return the digest of the bytes read from the source.
+
+    On a content-addressed destination the object is stored under its CID (`digest.cid`),
+    whatever `dst_key` says; the CID the bytes must make (`expect_cid`, else a
+    content-addressed source's key, else a non-empty `dst_key`) is checked before the
+    destination keeps anything (ContentDiffers).
 
     Pass a `hasher` to watch the bytes go by (`hasher.size`) from another thread.
     Raises KeyNotFound (source missing), ChecksumMismatch (source changed size while
-    read), BackendUnavailable/BackendError from either side.
+    read, or a content-addressed peer made another CID), BackendUnavailable/BackendError
+    from either side.
     """
     hasher = hasher or ContentHasher()
-    written = dst.write(dst_key, _hashed(src.read(src_key), hasher), size=size)
+    chunks = _hashed(src.read(src_key), hasher)
+    want = expect_cid or (src_key if src.content_addressed else None) or (dst_key if dst.content_addressed else None)
+    if want and (src.content_addressed or dst.content_addressed):
+        want = check_cid(want)
+
+    def expected() -> str:
+        digest = hasher.digest()
+        if want and digest.cid != want:
+            raise ContentDiffers(f"{src.name}:{src_key}: the bytes read make CID {digest.cid}, expected {want}",
+                                 digest)
+        return digest.cid
+
+    if dst.content_addressed:
+        _, written = dst.add(chunks, size=size, expect=expected)
+    else:
+        written = dst.write(dst_key, chunks, size=size)
+        if src.content_addressed:
+            expected()  # a keyed copy of lying bytes is removed by the caller
     digest = hasher.digest()
     if written != digest.size:
         raise ChecksumMismatch(

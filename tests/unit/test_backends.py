@@ -30,12 +30,12 @@ import pytest
 from ferry.errors import (
     BackendError,
     BackendUnavailable,
+    ChecksumMismatch,
     ConfigError,
     InvalidKey,
     KeyNotFound,
 )
 from ferry.settings import BackendSpec
-from ferry.errors import ChecksumMismatch
 from workers import registry
 from workers.base import Backend, ObjectStat
 from workers.cid import ContentHasher, digest_bytes
