@@ -190,15 +190,16 @@ class PolicyQueries:
         src = _best_source(need.c.id)
         other = Replica.__table__.alias("other")
         dest_key = src.c.key
+        sources = pick.join(src, and_(src.c.object_id == pick.c.id, src.c.pref == 1))
         if self.content_addressed:
-            cid = select(OBJ.cid).where(OBJ.id == pick.c.id).scalar_subquery()
-            dest_key = case((pick.c.backend.in_(sorted(self.content_addressed)), cid), else_=src.c.key)
+            sources = sources.join(StoredObject.__table__, OBJ.id == pick.c.id)
+            dest_key = case((pick.c.backend.in_(sorted(self.content_addressed)), OBJ.cid), else_=src.c.key)
         return (
             select(literal(ItemAction.copy.value).label("action"), pick.c.id.label("object_id"), pick.c.size,
                    pick.c.backend.label("dest_backend"), dest_key.label("dest_key"),
                    src.c.backend.label("source_backend"), src.c.key.label("source_key"),
                    case((pick.c.stage > 0, "transition"), else_="placement").label("reason"))
-            .select_from(pick.join(src, and_(src.c.object_id == pick.c.id, src.c.pref == 1)))
+            .select_from(sources)
             .where(pick.c.nth <= pick.c.k,
                    # never write over another object's replica at the same key
                    ~exists(select(1).select_from(other).where(

@@ -19,6 +19,7 @@ from workers.base import Backend
 DRIVERS: dict[str, tuple[str, str | None]] = {
     "local": ("workers.local:LocalBackend", None),
     "s3": ("workers.s3:S3Backend", "pip install 'ferry[s3]'"),
+    "gateway": ("workers.gateway:GatewayBackend", None),
     "ipfs": ("workers.ipfs:IpfsBackend", None),
 }
 
