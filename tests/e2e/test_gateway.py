@@ -26,7 +26,7 @@ from ferry.errors import (
 )
 from ferry.settings import BackendSpec
 from tests.e2e.test_ipfs_cids import node_cid
-from tests.fixtures.gateway import GatewayFront, gateway_front_fixture  # noqa: F401  (gateway_front)
+from tests.fixtures.gateway import GatewayFront
 from workers import registry
 from workers.car import MalformedDag, header
 from workers.cid import (

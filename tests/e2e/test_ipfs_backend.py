@@ -10,6 +10,7 @@ behind Ferry's back is found missing by verification and healed by the reconcile
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 from collections.abc import Iterator
@@ -26,7 +27,9 @@ from ferry.catalog.db import transaction
 from ferry.catalog.models import Replica, StoredObject
 from ferry.settings import get_settings
 from tests.e2e.test_policies import wait_for
+from tests.e2e.test_cli import ferry
 from tests.fixtures.cluster import Cluster, free_port, running_cluster, wait_job
+from tests.fixtures.gateway import GatewayFront
 from tests.fixtures.ipfsnode import IpfsNode, start_node
 from workers.cid import digest_bytes, normalize_cid
 
@@ -76,6 +79,9 @@ def cluster(test_env, s3_backend, ipfs_node, second_node) -> Iterator[Cluster]:
     and `ipfs-lax`, the first node behind AddRewriter; beat passes every second."""
     rewriter = AddRewriter(ipfs_node)
     rewriter.thread.start()
+    # Trustless gateways over the first node: one that lies (flips a byte of a block), then
+    # an honest one; and a pair that both lie.
+    fronts = [GatewayFront(ipfs_node, mode=m).start() for m in ("corrupt", "ok", "corrupt", "missing")]
     path = Path(test_env["tmp"]) / "backends-ipfs.yaml"
     backends = yaml.safe_load(Path(os.environ["FERRY_BACKENDS_FILE"]).read_text())["backends"]
     backends += [
@@ -85,6 +91,10 @@ def cluster(test_env, s3_backend, ipfs_node, second_node) -> Iterator[Cluster]:
          "settings": {"api_url": second_node.api_url, "timeout": 20}},
         {"name": "ipfs-lax", "driver": "ipfs", "labels": {"kind": "lax"},
          "settings": {"api_url": rewriter.url, "timeout": 20}},
+        {"name": "gateway", "driver": "gateway", "labels": {"kind": "gateway"},
+         "settings": {"gateways": [fronts[0].url, fronts[1].url], "timeout": 10}},
+        {"name": "liars", "driver": "gateway", "labels": {"kind": "gateway"},
+         "settings": {"gateways": [fronts[2].url, fronts[3].url], "timeout": 10}},
     ]
     path.write_text(yaml.safe_dump({"backends": backends}))
     # This process too (it lists the queues the worker consumes), for this module only.
@@ -97,6 +107,8 @@ def cluster(test_env, s3_backend, ipfs_node, second_node) -> Iterator[Cluster]:
                 yield c
         finally:
             rewriter.server.shutdown()
+            for front in fronts:
+                front.close()
     get_settings.cache_clear()
 
 
@@ -240,3 +252,42 @@ def test_capacity_and_car_export_through_the_driver(ipfs_node):
     blocks = {c: (codec, block) for c, codec, block in reader.blocks()}
     assert b"".join(content(cid, blocks.__getitem__)) == data
     backend.delete(cid)
+
+
+def test_migrate_from_a_gateway_by_cid_skips_the_lying_one(cluster, ipfs_node, s3_server):
+    from tests.fixtures.s3peer import s3_client
+
+    data = hashlib.sha256(b"gateway").digest() * 40_000  # 1.28 MB: five leaves under a dag-pb root
+    cid = ipfs_node.rpc("add", params={"cid-version": "1", "raw-leaves": "true", "chunker": "size-262144"},
+                        files={"file": ("f", data)}).json()["Hash"]
+    cid = normalize_cid(cid)
+    assert cid == digest_bytes(data).cid
+    r = ferry(cluster, "migrate", f"gateway:{cid}", "s3:from-gateway/", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    job = json.loads(r.stdout)
+    assert job["state"] == "succeeded", job
+    body = s3_client(s3_server).get_object(Bucket="ferry-e2e", Key=f"from-gateway/{cid}")["Body"].read()
+    assert body == data
+    assert replicas("s3", [cid]) == {cid: (f"from-gateway/{cid}", "present")}
+    assert replicas("gateway", [cid]) == {}  # what a gateway serves is not a replica Ferry keeps
+    assert f"of {cid} (lied)" in cluster.logs("w1")  # the liar was named, then the next gateway used
+
+    # Only liars: the item fails, nothing is stored; a gateway is never a target.
+    other = hashlib.sha256(b"liars").digest() * 20_000
+    cid2 = normalize_cid(ipfs_node.rpc("add", params={"cid-version": "1", "raw-leaves": "true",
+                                                      "chunker": "size-262144"},
+                                       files={"file": ("f", other)}).json()["Hash"])
+    r = ferry(cluster, "migrate", f"liars:{cid2}", "s3:from-liars/", "--json")
+    assert r.returncode != 0
+    job = json.loads(r.stdout)
+    assert job["state"] == "failed", job
+    item, = cluster_items(cluster, job["id"])
+    assert "does not hash to its CID" in item["error"] and cid2 in item["error"], item
+    with pytest.raises(Exception, match="NoSuchKey"):
+        s3_client(s3_server).get_object(Bucket="ferry-e2e", Key=f"from-liars/{cid2}")
+    r = ferry(cluster, "replicate", "local:x/", "gateway:")
+    assert r.returncode != 0 and "read-only" in (r.stdout + r.stderr)
+
+
+def cluster_items(cluster: Cluster, job_id: str) -> list[dict]:
+    return httpx.get(f"{cluster.api_url}/v1/jobs/{job_id}/items", timeout=30).json()["items"]

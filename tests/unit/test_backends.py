@@ -2,7 +2,9 @@
 
 Each contract test takes the `backend` fixture, parametrized over the drivers: "local"
 on a temporary directory, "s3" on a fresh bucket of a moto server on loopback (see
-tests/fixtures/s3peer.py) and "ipfs" on the real IPFS node (tests/fixtures/ipfsnode.py).
+tests/fixtures/s3peer.py), "ipfs" on the real IPFS node (tests/fixtures/ipfsnode.py) and
+"gateway", read-only, through a trustless-gateway front over that node
+(tests/fixtures/gateway.py): its objects are put on the node, and read through the gateway.
 The S3 backend is given a 5 MiB multipart threshold and part size, S3's minimum, so the
 larger cases go through multipart upload. Backends are built through workers.registry
 from a BackendSpec, as workers build them.
@@ -34,6 +36,7 @@ from ferry.errors import (
     ConfigError,
     InvalidKey,
     KeyNotFound,
+    ReadOnlyBackend,
 )
 from ferry.settings import BackendSpec
 from workers import registry
@@ -62,7 +65,7 @@ def s3_settings(endpoint: str, bucket: str, **extra) -> dict:
     }
 
 
-@pytest.fixture(params=["local", "s3", "ipfs"])
+@pytest.fixture(params=["local", "s3", "ipfs", "gateway"])
 def backend(request, tmp_path) -> Iterator[Backend]:
     # Peers are looked up here so local-only runs never start the S3 server or IPFS node.
     if request.param == "local":
@@ -71,11 +74,29 @@ def backend(request, tmp_path) -> Iterator[Backend]:
         yield build("s3", **s3_settings(request.getfixturevalue("s3_server"), request.getfixturevalue("s3_bucket")))
     else:
         node = request.getfixturevalue("ipfs_node")
-        backend = build("ipfs", api_url=node.api_url, timeout=10)
-        backend.pins_before = set(pins(backend))
-        yield backend
-        for cid in set(pins(backend)) - backend.pins_before:  # the node is shared by the session
-            backend.delete(cid)
+        ipfs = build("ipfs", api_url=node.api_url, timeout=10)
+        ipfs.pins_before = set(pins(ipfs))
+        if request.param == "ipfs":
+            yield ipfs
+        else:
+            front = request.getfixturevalue("gateway_front")()
+            backend = build("gateway", gateways=[front.url], timeout=5)
+            backend.node = ipfs  # where `put` stores what the gateway then serves
+            yield backend
+        for cid in set(pins(ipfs)) - ipfs.pins_before:  # the node is shared by the session
+            ipfs.delete(cid)
+
+
+def put(backend: Backend, key: str, chunks, size: int | None = None) -> int:
+    """Store an object: through the backend, or for a read-only one on the node behind it."""
+    if backend.read_only:
+        return backend.node.write(key, chunks, size)
+    return backend.write(key, chunks, size=size)
+
+
+def writable(backend: Backend) -> None:
+    if backend.read_only:
+        pytest.skip("read-only: see test_read_only_backend_refuses_writes")
 
 
 def pins(backend: Backend) -> list[str]:
@@ -99,6 +120,8 @@ def raw_contents(backend: Backend) -> list[str]:
         return sorted(str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir())
     if backend.driver == "ipfs":  # what is pinned (unpinned blocks are the node's to collect)
         return sorted(set(pins(backend)) - backend.pins_before)
+    if backend.driver == "gateway":  # it stores nothing; what was put is on the node
+        return raw_contents(backend.node)
     client, bucket = backend.client, backend.config.bucket
     found = [item["Key"] for item in client.list_objects_v2(Bucket=bucket).get("Contents", ())]
     found += [f"upload:{u['Key']}" for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", ())]
@@ -143,7 +166,7 @@ def keys(stats: Iterator[ObjectStat]) -> list[str]:
 def test_round_trip(backend, size, announce):
     data = payload(size)
     key = key_of(backend, "dir/obj.bin", data)
-    written = backend.write(key, chunked(data), size=size if announce else None)
+    written = put(backend, key, chunked(data), size=size if announce else None)
     assert written == size
     assert read_all(backend, key) == data
     stat = backend.stat(key)
@@ -176,7 +199,8 @@ def test_missing_keys(backend):
             backend.stat(absent)
         with pytest.raises(KeyNotFound):
             backend.read(absent)
-        assert backend.delete(absent) is False
+        if not backend.read_only:
+            assert backend.delete(absent) is False
         assert time.monotonic() - started < 5  # answered, not searched for until a timeout
         return
     with pytest.raises(KeyNotFound):
@@ -196,6 +220,7 @@ def test_missing_keys(backend):
 
 
 def test_delete(backend):
+    writable(backend)
     gone, kept = key_of(backend, "a/b/c", b"data"), key_of(backend, "a/keep", b"kept")
     backend.write(gone, [b"data"])
     backend.write(kept, [b"kept"])
@@ -275,6 +300,7 @@ class SourceBroke(Exception):
 @pytest.mark.parametrize("size", [MiB, 12 * MiB], ids=["single", "multipart"])
 @pytest.mark.parametrize("announce", [True, False], ids=["sized", "unsized"])
 def test_failed_write_leaves_nothing(backend, size, announce):
+    writable(backend)
     old = b"the old object"
     kept = key_of(backend, "kept", old)
     backend.write(kept, [old])
@@ -297,6 +323,7 @@ def test_failed_write_leaves_nothing(backend, size, announce):
 
 @pytest.mark.parametrize(("announced", "actual"), [(10, 5), (5, 10), (12 * MiB, 11 * MiB), (6 * MiB, 7 * MiB)])
 def test_wrong_announced_size_is_refused(backend, announced, actual):
+    writable(backend)
     data = payload(actual)
     with pytest.raises(BackendError, match="announced"):
         backend.write(key_of(backend, "k", data), chunked(data), size=announced)
@@ -310,6 +337,7 @@ def test_write_streams_in_bounded_memory(backend):
         for _ in range(size // MiB):
             yield bytes(MiB)  # a new object each time: keeping them would show
 
+    writable(backend)
     backend.check()  # builds the S3 client first: its service model alone is ~10 MiB
     key = "big"
     if backend.content_addressed:
@@ -333,9 +361,10 @@ def test_write_streams_in_bounded_memory(backend):
 def test_read_closes_early_and_when_dropped(backend):
     data = payload(3 * MiB)
     key = key_of(backend, "k", data)
-    backend.write(key, [data])
+    put(backend, key, [data])
     chunks = backend.read(key, MiB)
-    assert next(chunks) == data[:MiB]
+    first = next(chunks)  # at most a chunk (a gateway yields block by block)
+    assert 0 < len(first) <= MiB and data.startswith(first)
     chunks.close()
     assert list(chunks) == []
     # Dropped unread: the file or connection is released without a ResourceWarning
@@ -362,6 +391,7 @@ def ca_backend(backend) -> Backend:
 
 def test_content_addressed_write_checks_the_cid(ca_backend):
     backend = ca_backend
+    writable(backend)
     data, other = payload(MiB + 5), payload(MiB + 6)
     key = digest_bytes(data).cid
     with pytest.raises(ChecksumMismatch, match=key):
@@ -391,7 +421,12 @@ def test_content_addressed_list(ca_backend):
     backend = ca_backend
     stored = {digest_bytes(payload(n)).cid: n for n in (0, 1, 300_000, 2 * MiB)}
     for cid, n in stored.items():
-        backend.write(cid, chunked(payload(n)))
+        put(backend, cid, chunked(payload(n)))
+    if backend.read_only:  # a gateway cannot list: it answers for the CIDs it is asked
+        assert [(s.key, s.size) for s in backend.list(cid)] == [(cid, n)]
+        with pytest.raises(BackendError, match="cannot list"):
+            backend.list("")
+        return
     listed = [s for s in backend.list() if s.key in stored]
     assert [s.key for s in listed] == sorted(stored)
     assert all(s.size == stored[s.key] for s in listed)
@@ -603,3 +638,22 @@ def test_s3_secret_is_not_shown(dummy_credentials):
     backend = build("s3", bucket="b", **dummy_credentials)
     assert backend.config.secret_access_key.get_secret_value() == "hunter2"
     assert "hunter2" not in repr(backend.config)
+
+
+def test_read_only_backend_refuses_writes(backend):
+    if not backend.read_only:
+        pytest.skip("writable")
+    data = payload(1000)
+    key = digest_bytes(data).cid
+    put(backend, key, [data])
+    consumed = []
+
+    def source():
+        consumed.append(True)
+        yield data
+
+    for call in (lambda: backend.write(key, source()), lambda: backend.add(source()), lambda: backend.delete(key)):
+        with pytest.raises(ReadOnlyBackend):
+            call()
+    assert consumed == []
+    assert read_all(backend, key) == data  # nothing changed
