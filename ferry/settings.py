@@ -24,7 +24,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from ferry.errors import ConfigError
 
 BACKEND_NAME = r"^[a-z0-9][a-z0-9._-]{0,62}$"
-SECRET_SETTING = re.compile(r"secret|password|token|credential|access_key", re.IGNORECASE)
+SECRET_SETTING = re.compile(r"secret|password|token|credential|access_key|^auth$|authorization", re.IGNORECASE)
 
 
 def _is_reference(value: Any) -> bool:

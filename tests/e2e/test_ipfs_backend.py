@@ -26,8 +26,8 @@ from werkzeug.wrappers import Request, Response
 from ferry.catalog.db import transaction
 from ferry.catalog.models import Replica, StoredObject
 from ferry.settings import get_settings
-from tests.e2e.test_policies import wait_for
 from tests.e2e.test_cli import ferry
+from tests.e2e.test_policies import wait_for
 from tests.fixtures.cluster import Cluster, free_port, running_cluster, wait_job
 from tests.fixtures.gateway import GatewayFront
 from tests.fixtures.ipfsnode import IpfsNode, start_node
@@ -64,13 +64,24 @@ class AddRewriter:
         return f"http://127.0.0.1:{self.port}"
 
 
-@pytest.fixture(scope="module")
-def second_node(tmp_path_factory) -> Iterator[IpfsNode]:
-    node, group = start_node(tmp_path_factory.mktemp("ipfs2"))
+def _own_node(tmp_path_factory, name: str) -> Iterator[IpfsNode]:
+    node, group = start_node(tmp_path_factory.mktemp(name))
     try:
         yield node
     finally:
         group.stop()
+
+
+@pytest.fixture(scope="module")
+def ipfs_node(tmp_path_factory) -> Iterator[IpfsNode]:
+    """This module's own first node: what it pins stays out of the session node, whose pins
+    the backend contract suite counts."""
+    yield from _own_node(tmp_path_factory, "ipfs1")
+
+
+@pytest.fixture(scope="module")
+def second_node(tmp_path_factory) -> Iterator[IpfsNode]:
+    yield from _own_node(tmp_path_factory, "ipfs2")
 
 
 @pytest.fixture(scope="module")

@@ -180,3 +180,20 @@ def test_normalize_cid_turns_base58btc_into_base32_and_refuses_the_rest():
     for bad in ("QmRaaUwTNfwgFZpeUy8qrZwrp2dY4kCKmmB5xEqvH3vtD1", "z0OIl", "mAXASIA"):
         with pytest.raises(ValueError):
             normalize_cid(bad)
+
+
+def test_check_cid_accepts_ferrys_cids_in_either_base_and_refuses_everything_else():
+    from ferry.errors import InvalidKey
+    from workers.cid import check_cid
+
+    b32 = "bafybeie5hltw2wu4xqop2ku4hbk7lrj3qhltti5cx665uxv3nvccjxym4q"
+    assert check_cid(b32) == b32
+    assert check_cid("zdj7Wg1fBYZo7yR8EcoLvrRu7Q2Bwbb7pG47EKTf5234ALJYK") == b32
+    raw = digest_bytes(b"x").cid
+    assert raw.startswith("bafkrei") and check_cid(raw) == raw
+    cbor = "bafyreigbtj4x7ip5legnfznufuopl4sg4knzc2cof6duas4b3q2fy6swua"  # dag-cbor: not a UnixFS file here
+    identity = "bafkqaaa"  # identity multihash of nothing
+    for bad in ("", "a/b", "../x", "QmRaaUwTNfwgFZpeUy8qrZwrp2dY4kCKmmB5xEqvH3vtD1", b32[:-1], b32 + "a",
+                b32.upper(), cbor, identity, "b" + "!" * 58, b32 + "\x00"):
+        with pytest.raises(InvalidKey):
+            check_cid(bad)

@@ -26,6 +26,8 @@ def test_visibility_timeout_must_exceed_task_limit():
 def test_secret_in_clear_is_refused():
     with pytest.raises(ValueError, match="looks like a secret"):
         BackendSpec(name="s3", driver="s3", settings={"bucket": "b", "secret_access_key": "hunter2"})
+    with pytest.raises(ValueError, match="looks like a secret"):  # an IPFS RPC API's Authorization header
+        BackendSpec(name="ipfs", driver="ipfs", settings={"auth": "Bearer hunter2"})
     BackendSpec(name="s3", driver="s3", settings={"bucket": "b", "secret_access_key": {"env": "X"}})
 
 
