@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Flask, jsonify
+from flask import Flask, g, jsonify
 from werkzeug.exceptions import HTTPException
 
 from api import openapi
 from api.schemas import ErrorBody
 from ferry.errors import FerryError
+from ferry.security import Unauthenticated, check
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +20,7 @@ MAX_BODY_BYTES = 32 * 2**20
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
-    from api import backends, health, jobs, metrics, objects, policies
+    from api import access, backends, health, jobs, metrics, objects, policies
     from ferry.catalog.db import transaction
     from ferry.catalog.replicas import sync_backends
     from ferry.settings import get_settings
@@ -32,14 +33,19 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     for bp in (jobs.bp, objects.bp, backends.bp, policies.bp, policies.events_bp, health.bp, metrics.bp):
         app.register_blueprint(bp)
+    access.install(app)
 
     @app.get("/v1/openapi.json")
     def openapi_document():
+        check(g.principal, "read")
         return jsonify(openapi.spec(ErrorBody))
 
     @app.errorhandler(FerryError)
     def ferry_error(exc: FerryError):
-        return jsonify({"error": exc.to_dict()}), exc.status
+        response = jsonify({"error": exc.to_dict()})
+        if isinstance(exc, Unauthenticated):
+            response.headers["WWW-Authenticate"] = 'Bearer realm="ferry"'
+        return response, exc.status
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

@@ -13,13 +13,14 @@ from tasks.app import app as celery_app
 bp = Blueprint("health", __name__)
 
 
-@operation(bp, "/healthz", "GET", summary="Liveness: the API process answers", responses={200: Health})
+@operation(bp, "/healthz", "GET", summary="Liveness: the API process answers", responses={200: Health},
+           permission="public")
 def healthz():
     return jsonify({"status": "ok", "checks": {}})
 
 
 @operation(bp, "/readyz", "GET", summary="Readiness: database and broker answer",
-           responses={200: Health, 503: Health})
+           responses={200: Health, 503: Health}, permission="public")
 def readyz():
     checks: dict[str, str] = {}
     try:

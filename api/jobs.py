@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, jsonify, url_for
 from sqlalchemy import select
 
+from api.access import current, note
 from api.openapi import operation
 from api.schemas import (
     ItemOut,
@@ -22,6 +23,7 @@ from ferry.catalog.db import transaction
 from ferry.catalog.models import Job, JobKind
 from ferry.catalog.replicas import verify_report
 from ferry.errors import InvalidRequest
+from ferry.security import require_backends
 from tasks import jobs as job_tasks
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
@@ -34,6 +36,15 @@ def job_out(job: Job, counts: dict) -> dict:
         keep_source=spec.get("keep_source", False), total=job.total, error=job.error,
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at, **counts,
     ).model_dump(mode="json")
+
+
+def authorize_job(kind: str, source: str, targets: list[str], keep_source: bool) -> None:
+    """A job reads its source and writes its targets; a migrate also deletes at its source."""
+    note(backends=[source, *targets])
+    principal = current()
+    moves = kind == "migrate" and not keep_source
+    require_backends(principal, "write" if moves else "read", [source])
+    require_backends(principal, "write", targets)
 
 
 @operation(bp, "", "POST", summary="Submit a migrate, replicate or verify job", body=JobCreate,
@@ -50,11 +61,13 @@ def create(body: JobCreate):
         if body.kind == "verify":
             raise InvalidRequest("tags apply to the objects a migrate or replicate job copies", field="tags")
         spec["tags"] = sorted(set(body.tags))
+    authorize_job(body.kind, body.source.backend, [t.backend for t in body.targets], body.keep_source)
     request = job_tasks.JobRequest(
         kind=JobKind(body.kind), source_backend=body.source.backend, keys=body.source.keys,
         prefix=body.source.prefix, keep_source=body.keep_source, spec=spec, sample=body.sample,
         targets=[job_tasks.Target(t.backend, t.prefix) for t in body.targets])
     job = job_tasks.submit(request)
+    note(job_id=str(job.id))
     url = url_for("jobs.get", job_id=job.id)
     accepted = JobAccepted(id=job.id, state=job.state, url=url)
     return jsonify(accepted.model_dump(mode="json")), 202, {"Location": url}
@@ -95,6 +108,11 @@ def items(job_id: str, query: ItemQuery):
            responses={200: JobOut, 409: None})
 def cancel(job_id: str):
     with transaction() as session:
+        job = catalog.get_job(session, job_id)
+        spec = job.spec or {}
+        if job.source_backend is not None:  # a policy's reconcile job has no single source
+            authorize_job(job.kind.value, job.source_backend, [t["backend"] for t in spec.get("targets", [])],
+                          spec.get("keep_source", False))
         job = catalog.cancel_job(session, job_id)
         session.flush()
         return jsonify(job_out(job, catalog.counts(session, job.id)))

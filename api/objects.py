@@ -9,12 +9,14 @@ import logging
 from flask import Blueprint, Response, jsonify, stream_with_context
 from sqlalchemy import update
 
+from api.access import current
 from api.openapi import operation
 from api.schemas import HoldUpdate, ObjectLabels, ObjectOut, ReplicaOut
 from ferry.catalog.db import transaction
 from ferry.catalog.models import CheckResult, ReplicaState, StoredObject, utcnow
 from ferry.catalog.replicas import Check, get_object, label_objects, record_checks
 from ferry.errors import BackendError, NotFound
+from ferry.security import Forbidden
 from ferry.settings import get_settings
 from workers import registry, transfer
 
@@ -47,12 +49,19 @@ class NoVerifiedReplica(NotFound):
            "checked against its sha256 as they stream", responses={200: None, 404: None})
 def content(cid: str):
     backends = get_settings().backends()
+    principal = current()
     with transaction() as session:
         obj = get_object(session, cid)
         good = sorted((r for r in obj.replicas if r.state == ReplicaState.present and r.backend in backends),
                       key=lambda r: (r.verified_at is None, -(r.verified_at.timestamp() if r.verified_at else 0)))
         if not good:
             raise NoVerifiedReplica(f"object {cid} has no verified replica to read from")
+        # Only from backends the caller may read; which others hold it is not the caller's business.
+        good = [r for r in good if principal.may(r.backend, "read")]
+        if not good:
+            holders = ",".join(sorted({r.backend for r in obj.replicas if r.state == ReplicaState.present}))
+            raise Forbidden(f"permission read:{holders} is needed: read is granted on no backend holding object {cid}",
+                            details={"missing": f"read:{holders}"})
         obj.last_accessed_at = utcnow()
         sha, size, media_type = obj.sha256, obj.size, obj.media_type
         sources = [(r.backend, r.key) for r in good]
@@ -85,7 +94,7 @@ def content(cid: str):
 
 
 @operation(bp, "/<cid>/hold", "PUT", summary="Set or release the object's legal hold (blocks retention)",
-           body=HoldUpdate, responses={200: ObjectOut})
+           body=HoldUpdate, responses={200: ObjectOut}, permission="admin")
 def hold(cid: str, body: HoldUpdate):
     with transaction() as session:
         obj = get_object(session, cid)

@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from functools import wraps
 from typing import Any
 
-from flask import Blueprint, request
+from flask import Blueprint, g, request
 from pydantic import BaseModel, ValidationError
 
 from ferry import __version__
 from ferry.errors import InvalidRequest
+from ferry.security import check
 
 
 class MalformedBody(InvalidRequest):
@@ -38,6 +39,8 @@ class Operation:
     body: type[BaseModel] | None = None
     query: type[BaseModel] | None = None
     path_params: list[str] = field(default_factory=list)
+    permission: str = "read"  # read | operate | admin | public (see ferry.security)
+    endpoint: str = ""
 
 
 OPERATIONS: list[Operation] = []
@@ -45,15 +48,25 @@ _RULE_PARAM = re.compile(r"<(?:[a-z]+:)?([a-z_]+)>")
 
 
 def operation(bp: Blueprint, rule: str, method: str, *, summary: str, responses: dict,
-              body: type[BaseModel] | None = None, query: type[BaseModel] | None = None) -> Callable:
+              body: type[BaseModel] | None = None, query: type[BaseModel] | None = None,
+              permission: str | None = None) -> Callable:
+    """Register a view. `permission` defaults to `read` for GET and `operate` otherwise;
+    `public` (health checks only) needs no credentials. It is checked here, before the body
+    is even parsed, for every operation: the one place the API authorizes."""
     path = (bp.url_prefix or "") + rule
+    permission = permission or ("read" if method == "GET" else "operate")
+    assert permission in ("public", "read", "operate", "admin"), permission
     op = Operation(_RULE_PARAM.sub(r"{\1}", path), method.lower(), summary, bp.name, responses, body,
-                   query, _RULE_PARAM.findall(path))
+                   query, _RULE_PARAM.findall(path), permission)
     OPERATIONS.append(op)
 
     def decorate(fn: Callable) -> Callable:
+        op.endpoint = f"{bp.name}.{fn.__name__}"
+
         @wraps(fn)
         def view(**kwargs: Any) -> Any:
+            if permission != "public":
+                check(g.principal, permission)
             if body is not None:
                 kwargs["body"] = validated(body, _json_body())
             if query is not None:
@@ -127,6 +140,10 @@ def spec(error_model: type[BaseModel]) -> dict[str, Any]:
                                                **({"content": content} if content else {})}
         errors = ([400, 413, 422] if op.body else []) + ([422] if op.query else [])
         errors += [404] if op.path_params else []
+        if op.permission != "public":
+            entry["security"] = [{"apiKey": []}]
+            entry["x-ferry-permission"] = op.permission
+            errors += [401, 403, 429]
         for status in errors:
             entry["responses"].setdefault(str(status), {
                 "description": _REASONS[status], "content": {"application/json": {"schema": error_ref}}})
@@ -136,10 +153,13 @@ def spec(error_model: type[BaseModel]) -> dict[str, Any]:
         "info": {"title": "Ferry control API", "version": __version__,
                  "description": "Bulk jobs that keep content-addressed objects where policy says."},
         "paths": paths,
-        "components": {"schemas": components},
+        "components": {"schemas": components, "securitySchemes": {"apiKey": {
+            "type": "http", "scheme": "bearer",
+            "description": "An API key (fy_...) or, where an OIDC issuer is configured, its access token"}}},
     }
 
 
-_REASONS = {200: "OK", 202: "Accepted", 400: "Malformed request", 404: "Not found",
+_REASONS = {200: "OK", 201: "Created", 202: "Accepted", 400: "Malformed request", 401: "Missing or bad credentials",
+            403: "A permission is missing", 404: "Not found", 429: "Rate limit exceeded",
             409: "Conflict with the current state", 413: "Request body too large",
             422: "Invalid request", 500: "Internal error", 503: "Not ready"}

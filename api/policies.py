@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify
 
+from api.access import current, note
 from api.openapi import operation
 from api.schemas import (
     EventList,
@@ -23,6 +24,7 @@ from ferry.catalog.db import after_commit, transaction
 from ferry.catalog.models import Policy as PolicyRow
 from ferry.catalog.models import utcnow
 from ferry.errors import InvalidPolicy, InvalidRequest
+from ferry.security import check, require_backends
 from ferry.settings import get_settings
 from policies import planner
 from policies.schema import Policy
@@ -49,6 +51,31 @@ def _queries(session, policy: Policy) -> tuple[planner.PolicyQueries, list[plann
     return planner.PolicyQueries(policy, labels, dialect, now, by_cid), every
 
 
+def _authorize(policy: Policy) -> None:
+    """A policy writes (copies to, deletes from) every backend its placement and transitions
+    can select, and every backend at all when it has retention; it reads its selector's."""
+    labels, _ = planner.backends()
+    written: set[str] = set()
+    if policy.placement is not None:
+        for expr in [policy.placement.backends] + [t.to for t in policy.transitions]:
+            written.update(expr.select(labels))
+    if policy.retention is not None:
+        written.update(get_settings().backends())
+    read = [policy.selector.backend] if policy.selector.backend else []
+    note(policy=policy.name, backends=sorted(written | set(read)))
+    require_backends(current(), "read", read)
+    require_backends(current(), "write", sorted(written))
+
+
+def _authorize_stored(session, name: str) -> None:
+    try:
+        policy = Policy.from_dict(stored.get(session, name).document)
+    except InvalidPolicy:  # a stored document that no longer validates: only an admin may act on it
+        check(current(), "admin")
+        return
+    _authorize(policy)
+
+
 @operation(bp, "", "POST", summary="Create or update a policy (a new version when the document changed)",
            body=PolicyApply, responses={200: PolicyOut, 201: PolicyOut, 400: None})
 def apply(body: PolicyApply):
@@ -56,6 +83,7 @@ def apply(body: PolicyApply):
         raise InvalidRequest("give the policy as either `yaml` (text) or `document` (an object)", field="yaml")
     policy = Policy.from_yaml(body.yaml) if body.yaml is not None else Policy.from_dict(body.document)
     _check_backends(policy)
+    _authorize(policy)
     with transaction() as session:
         now = utcnow()
         # An interval schedule runs at once, then every interval; a cron one waits for its time.
@@ -94,6 +122,7 @@ def get(name: str):
            responses={200: PolicyOut})
 def delete(name: str):
     with transaction() as session:
+        _authorize_stored(session, name)
         return jsonify(policy_out(stored.delete(session, name)))
 
 
@@ -101,6 +130,7 @@ def delete(name: str):
            responses={202: PolicyOut, 409: None})
 def run(name: str):
     with transaction() as session:
+        _authorize_stored(session, name)
         row = stored.start_run(session, name)
         after_commit(session, send_reconcile)
         return jsonify(policy_out(row)), 202
@@ -135,7 +165,7 @@ def status(name: str):
            responses={200: RetryOut})
 def retry(name: str):
     with transaction() as session:
-        stored.get(session, name)
+        _authorize_stored(session, name)
         batches = catalog.retry_stuck(session, policy=name)
         after_commit(session, lambda: send_batches(batches))
         return jsonify({"requeued": sum(hi - lo for b in batches for lo, hi in b.spans)})

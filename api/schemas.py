@@ -277,3 +277,75 @@ class VerifyReport(BaseModel):
     healing_scheduled: int
     lost: int
     findings: list[Finding] = Field(description="the bad and missing replicas (first 1000)")
+
+
+class GrantSpec(Strict):
+    backends: str = Field(min_length=1, max_length=255, description="fnmatch pattern over backend names")
+    access: Literal["read", "write"] = Field(description="write includes read")
+
+
+class KeyCreate(Strict):
+    name: str = Field(min_length=1, max_length=255, description="who or what uses the key")
+    role: Literal["admin", "operator", "viewer"]
+    grants: list[GrantSpec] = Field(default_factory=list, max_length=100,
+                                    description="backends an operator or viewer may touch (admins: all)")
+    expires_at: datetime | None = Field(None, description="after this instant the key is refused")
+
+
+class KeyOut(BaseModel):
+    id: uuid.UUID
+    prefix: str = Field(description="names the key; the key itself is shown only at creation")
+    name: str
+    role: str
+    grants: list[GrantSpec]
+    created_at: datetime
+    created_by: str | None
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+
+
+class KeyCreated(KeyOut):
+    key: str = Field(description="the API key: shown this once, stored only as a hash")
+
+
+class KeyList(BaseModel):
+    keys: list[KeyOut]
+
+
+class AuditQuery(Strict):
+    actor: str | None = Field(None, max_length=255)
+    outcome: Literal["ok", "failed", "denied", "unauthenticated"] | None = None
+    action: str | None = Field(None, max_length=128)
+    job_id: str | None = Field(None, max_length=64)
+    policy: str | None = Field(None, max_length=255)
+    backend: str | None = Field(None, max_length=255)
+    cid: str | None = Field(None, max_length=128)
+    since: datetime | None = None
+    until: datetime | None = None
+    before_id: int | None = Field(None, ge=1, description="page: entries older than this id")
+    limit: int = Field(100, ge=1, le=1000)
+
+
+class AuditEntryOut(BaseModel):
+    id: int
+    at: datetime
+    actor: str | None
+    actor_kind: str | None
+    role: str | None
+    client: str | None
+    method: str
+    path: str
+    action: str | None
+    status: int
+    outcome: str
+    job_id: str | None
+    policy: str | None
+    backends: list[str]
+    cid: str | None
+    detail: str | None
+
+
+class AuditList(BaseModel):
+    entries: list[AuditEntryOut]
+    next_before_id: int | None = Field(description="pass as before_id for the next page; null at the end")

@@ -77,7 +77,22 @@ class Settings(BaseSettings):
     broker_url: str | None = None
     backends_file: Path | None = None
     api_url: str = "http://127.0.0.1:8470"
+    # The CLI's key: FERRY_API_KEY, else the file FERRY_API_KEY_FILE (default: the admin key
+    # `ferry serve` keeps in its data directory), which must be 0600.
     api_key: str | None = None
+    api_key_file: Path | None = None
+    # OIDC bearer tokens (ferry.oidc), off unless an issuer is set: the `iss` tokens must
+    # carry, and the `aud` they must be for. The keys come from `oidc_jwks_url`, or from the
+    # issuer's /.well-known/openid-configuration when it is not set.
+    oidc_issuer: str | None = None
+    oidc_audience: str | None = None
+    oidc_jwks_url: str | None = None
+    # Claims holding the role (admin | operator | viewer) and the grants (as API keys have them).
+    oidc_role_claim: str = "ferry_role"
+    oidc_grants_claim: str = "ferry_grants"
+    # Signature algorithms accepted; asymmetric only, so a public key is never taken for a secret.
+    oidc_algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256"], min_length=1)
+    oidc_leeway_seconds: int = Field(default=30, ge=0)
 
     # Work is sent to workers in batches of at most this many items ...
     batch_items: int = Field(default=1000, ge=1, le=10_000)
@@ -110,9 +125,25 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _oidc_is_complete_and_asymmetric(self) -> Settings:
+        if self.oidc_issuer is not None and not self.oidc_audience:
+            raise ValueError("FERRY_OIDC_AUDIENCE is required with FERRY_OIDC_ISSUER")
+        for url in (self.oidc_issuer, self.oidc_jwks_url):
+            if url is not None and not url.startswith(("https://", "http://")):
+                raise ValueError(f"OIDC URLs are http(s): {url!r}")
+        refused = [a for a in self.oidc_algorithms if a.upper().startswith("HS") or a.lower() == "none"]
+        if refused:
+            raise ValueError(f"FERRY_OIDC_ALGORITHMS must be asymmetric (RS*, PS*, ES*, EdDSA), not {refused}")
+        return self
+
     @property
     def data_path(self) -> Path:
         return self.data_dir.expanduser().resolve()
+
+    @property
+    def key_path(self) -> Path:
+        return (self.api_key_file or self.data_path / "admin.key").expanduser()
 
     @property
     def database(self) -> str:

@@ -65,6 +65,16 @@ def pytest_configure(config: pytest.Config) -> None:
 
     get_settings.cache_clear()
     upgrade()
+    # The session's admin key: the `api` clients send it, and CLI subprocesses find it in
+    # FERRY_API_KEY. Tests of roles and grants make their own keys.
+    from ferry.catalog.db import transaction
+    from ferry.catalog.models import Role
+    from ferry.security import create_key
+
+    with transaction() as session:
+        _, key = create_key(session, name="test session admin", role=Role.admin)
+    os.environ["FERRY_API_KEY"] = key
+    _state["admin_key"] = key
 
 
 def _sync_backends() -> None:

@@ -313,3 +313,53 @@ class Event(Base):
     policy: Mapped[str | None] = mapped_column(String(63))
     backend: Mapped[str | None] = mapped_column(String(63))
     details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class Role(enum.StrEnum):
+    admin = "admin"        # everything: keys, audit, legal holds, every backend
+    operator = "operator"  # submit and cancel jobs, policies, labels; on granted backends only
+    viewer = "viewer"      # read the catalog, jobs, policies, events; content from granted backends
+
+
+class ApiKey(Base):
+    """An API key: only its sha256 is kept (the key is shown once, at creation); `prefix`
+    names it in lists, logs and the audit log."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    prefix: Mapped[str] = mapped_column(String(32), unique=True)
+    key_hash: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(255))
+    role: Mapped[Role] = mapped_column(_enum(Role, "role"))
+    # [{"backends": "ipfs-*", "access": "read" | "write"}]; write includes read.
+    grants: Mapped[list[dict[str, str]]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(255))
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class AuditEntry(Base):
+    """One mutating call or denied attempt. Append-only: the database refuses UPDATE and
+    DELETE on this table (triggers, migration 0005)."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+    actor: Mapped[str | None] = mapped_column(String(255), index=True)  # key prefix or OIDC subject
+    actor_kind: Mapped[str | None] = mapped_column(String(16))           # key | oidc
+    role: Mapped[str | None] = mapped_column(String(16))
+    client: Mapped[str | None] = mapped_column(String(64))
+    method: Mapped[str] = mapped_column(String(8))
+    path: Mapped[str] = mapped_column(String(2048))
+    action: Mapped[str | None] = mapped_column(String(128))  # the endpoint, e.g. jobs.create
+    status: Mapped[int] = mapped_column(Integer)
+    outcome: Mapped[str] = mapped_column(String(16), index=True)  # ok | failed | denied | unauthenticated
+    job_id: Mapped[str | None] = mapped_column(String(64))
+    policy: Mapped[str | None] = mapped_column(String(255))
+    backends: Mapped[list[str]] = mapped_column(JSON, default=list)
+    cid: Mapped[str | None] = mapped_column(String(128))
+    detail: Mapped[str | None] = mapped_column(Text)

@@ -61,8 +61,10 @@ def cli() -> None:
 
 
 def client() -> Client:
+    from ferry.security import read_key_file
+
     settings = get_settings()
-    return Client(settings.api_url, settings.api_key)
+    return Client(settings.api_url, settings.api_key or read_key_file(settings.key_path))
 
 
 # --- jobs -------------------------------------------------------------------------------
@@ -327,6 +329,20 @@ def _redact_url(url: str) -> str:
     return url
 
 
+def refuse_open_bind(host: str) -> None:
+    """A server others can reach must not start without credentials to check."""
+    from ferry.catalog.db import transaction
+    from ferry.security import keys_exist
+
+    settings = get_settings()
+    with transaction() as session:
+        credentials = keys_exist(session) or settings.oidc_issuer is not None
+    if not credentials:
+        fail(f"refusing to listen on {host}, reachable from other machines, with no credentials configured: "
+             "create an admin key first (ferry admin key create --bootstrap --role admin --name NAME) or set "
+             "FERRY_OIDC_ISSUER; or listen on 127.0.0.1", EXIT_REFUSED)
+
+
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the API listens on.")
 @click.option("--port", default=8470, show_default=True)
@@ -339,12 +355,22 @@ def serve(host: str, port: int, concurrency: int, log_dir: Path | None) -> None:
     With no configuration this is the embedded mode: SQLite, a filesystem broker and
     two local disks under FERRY_DATA_DIR (default ~/.ferry).
     """
+    from ferry.catalog.db import transaction
     from ferry.catalog.migrate import upgrade
     from ferry.cli import launch
+    from ferry.security import bootstrap_admin_key, is_loopback
 
     settings = get_settings()
     settings.data_path.mkdir(parents=True, exist_ok=True)
     upgrade()
+    if is_loopback(host):
+        with transaction() as session:
+            prefix = bootstrap_admin_key(session, settings.key_path)
+        if prefix:
+            console.print(f"ferry: created admin key {prefix} in {settings.key_path} (0600); "
+                          "the CLI on this machine uses it", highlight=False)
+    else:
+        refuse_open_bind(host)
     group = launch.ProcessGroup(log_dir)
     group.start("api", launch.api_command(f"{host}:{port}"))
     group.start("worker", launch.worker_command(launch.all_queues(settings), concurrency, "ferry@%h"))
@@ -366,7 +392,11 @@ def serve(host: str, port: int, concurrency: int, log_dir: Path | None) -> None:
 def api(bind: str, workers: int) -> None:
     """Run the API server alone (gunicorn)."""
     from ferry.cli import launch
+    from ferry.security import is_loopback
 
+    host = bind.rpartition(":")[0] if ":" in bind else bind
+    if not is_loopback(host):
+        refuse_open_bind(host)
     group = launch.ProcessGroup()
     group.start("api", launch.api_command(bind, workers))
     sys.exit(group.wait())
@@ -398,4 +428,5 @@ def beat() -> None:
 
 # Policy, verify, object and events commands live beside this module; importing it
 # registers them on `cli`.
+from ferry.cli import admin as _admin_commands  # noqa: E402, F401
 from ferry.cli import policy as _policy_commands  # noqa: E402, F401

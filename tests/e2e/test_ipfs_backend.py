@@ -28,7 +28,7 @@ from ferry.catalog.models import Replica, StoredObject
 from ferry.settings import get_settings
 from tests.e2e.test_cli import ferry
 from tests.e2e.test_policies import wait_for
-from tests.fixtures.cluster import Cluster, free_port, running_cluster, wait_job
+from tests.fixtures.cluster import Cluster, auth, free_port, running_cluster, wait_job
 from tests.fixtures.gateway import GatewayFront
 from tests.fixtures.ipfsnode import IpfsNode, start_node
 from workers.cid import digest_bytes, normalize_cid
@@ -301,4 +301,4 @@ def test_migrate_from_a_gateway_by_cid_skips_the_lying_one(cluster, ipfs_node, s
 
 
 def cluster_items(cluster: Cluster, job_id: str) -> list[dict]:
-    return httpx.get(f"{cluster.api_url}/v1/jobs/{job_id}/items", timeout=30).json()["items"]
+    return httpx.get(f"{cluster.api_url}/v1/jobs/{job_id}/items", timeout=30, headers=auth()).json()["items"]

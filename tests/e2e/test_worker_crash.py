@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 
 from ferry.catalog.db import transaction
 from ferry.catalog.models import JobItem, Replica, ReplicaState
-from tests.fixtures.cluster import Cluster, wait_job
+from tests.fixtures.cluster import Cluster, auth, wait_job
 from tests.fixtures.s3peer import s3_client
 
 pytestmark = pytest.mark.e2e
@@ -40,7 +40,7 @@ def test_sigkilled_worker_loses_nothing(test_env, disks, s3_server, s3_backend):
         url = cluster.start_api()
         cluster.start_beat()
         cluster.start_worker("doomed", concurrency=2)
-        with httpx.Client(base_url=url, timeout=60) as api:
+        with httpx.Client(base_url=url, timeout=60, headers=auth()) as api:
             r = api.post("/v1/jobs", json={"kind": "migrate", "source": {"backend": "local", "prefix": "crash/"},
                                             "targets": [{"backend": "s3", "prefix": "crash/"}]})
             job_id = r.json()["id"]

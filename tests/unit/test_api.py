@@ -21,14 +21,21 @@ def app():
     return create_app({"TESTING": True})
 
 
+def admin_client(app):
+    """A test client sending the session's admin key."""
+    client = app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {os.environ['FERRY_API_KEY']}"
+    return client
+
+
 @pytest.fixture
 def client(app):
-    return app.test_client()
+    return admin_client(app)
 
 
 @pytest.fixture(scope="module")
 def spec(app):
-    return app.test_client().get("/v1/openapi.json").get_json()
+    return admin_client(app).get("/v1/openapi.json").get_json()
 
 
 def conforms(spec: dict, path: str, method: str, status: int, body: dict) -> None:

@@ -1,0 +1,204 @@
+"""Who may do what: API keys, principals, roles and per-backend grants, checked in one place.
+
+A request's credentials become a `Principal` (an API key, or an OIDC bearer token when an
+issuer is configured); every API operation declares the permission it needs (`read`,
+`operate` or `admin`, see api.openapi.operation) and the views that touch backends ask
+`require_backends`. The CLI goes through the API, so the same checks hold for it.
+
+Roles: `viewer` reads the catalog (jobs, policies, objects, events, metrics); `operator`
+also submits and cancels jobs, applies policies and labels objects; `admin` does
+everything, on every backend, and alone manages keys, reads the audit log and sets legal
+holds. Operators and viewers touch backends through grants only: `{"backends": "ipfs-*",
+"access": "write"}` (an fnmatch pattern; write includes read). Reading an object's bytes
+needs read on a backend holding it; a replicate job needs read on its source and write on
+its targets; a migrate job also needs write on its source (it deletes there).
+
+API keys look like `fy_<prefix>_<secret>`: 190 bits of randomness, so a plain sha256 of
+the whole key is what is stored (a slow password hash buys nothing against keys that
+cannot be guessed); `prefix` finds the row and names the key in lists and the audit log.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import hmac
+import ipaddress
+import os
+import secrets
+import stat
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ferry.catalog.models import ApiKey, Role, utcnow
+from ferry.errors import FerryError, InvalidRequest
+
+KEY_PREFIX = "fy_"
+PERMISSIONS = ("read", "operate", "admin")
+_ROLE_PERMISSIONS = {Role.viewer: {"read"}, Role.operator: {"read", "operate"},
+                     Role.admin: {"read", "operate", "admin"}}
+
+
+class Unauthenticated(FerryError):
+    """Raised when a request has no credentials, or ones that are wrong, expired or revoked."""
+
+    code = "unauthenticated"
+    status = 401
+
+
+class Forbidden(FerryError):
+    """Raised when the credentials are good but lack a permission (named in the message)."""
+
+    code = "forbidden"
+    status = 403
+
+
+@dataclass(frozen=True)
+class Grant:
+    backends: str  # fnmatch pattern over backend names
+    access: str    # read | write
+
+    def allows(self, backend: str, access: str) -> bool:
+        return fnmatch.fnmatchcase(backend, self.backends) and (self.access == "write" or access == "read")
+
+
+@dataclass(frozen=True)
+class Principal:
+    kind: str         # key | oidc
+    id: str           # the key's prefix, or the token's subject
+    name: str
+    role: Role
+    grants: tuple[Grant, ...] = field(default=())
+
+    def can(self, permission: str) -> bool:
+        return permission in _ROLE_PERMISSIONS[self.role]
+
+    def may(self, backend: str, access: str) -> bool:
+        return self.role == Role.admin or any(g.allows(backend, access) for g in self.grants)
+
+
+def parse_grants(raw: Iterable[object]) -> tuple[Grant, ...]:
+    """Grants from their JSON form, or from the CLI's `read:pattern` / `write:pattern`."""
+    grants = []
+    for i, g in enumerate(raw):
+        if isinstance(g, str):
+            access, sep, pattern = g.partition(":")
+            g = {"access": access, "backends": pattern} if sep else {}
+        if not isinstance(g, dict) or set(g) != {"backends", "access"}:
+            raise InvalidRequest("a grant is {backends: PATTERN, access: read|write} (or 'read:PATTERN')",
+                                 field=f"grants[{i}]")
+        if g["access"] not in ("read", "write") or not isinstance(g["backends"], str) or not g["backends"]:
+            raise InvalidRequest("a grant's access is read or write, over a non-empty backend pattern",
+                                 field=f"grants[{i}]")
+        grants.append(Grant(g["backends"], g["access"]))
+    return tuple(grants)
+
+
+def check(principal: Principal, permission: str) -> None:
+    if not principal.can(permission):
+        raise Forbidden(f"permission {permission!r} is needed; {principal.kind} {principal.id!r} has role "
+                        f"{principal.role.value}", details={"missing": permission})
+
+
+def require_backends(principal: Principal, access: str, backends: Iterable[str]) -> None:
+    """Forbidden naming the first backend `principal` may not `access` (read or write)."""
+    for backend in backends:
+        if not principal.may(backend, access):
+            raise Forbidden(f"permission {access}:{backend} ({access} on backend {backend!r}) is not granted to "
+                            f"{principal.kind} {principal.id!r}", details={"missing": f"{access}:{backend}"})
+
+
+# -- API keys -----------------------------------------------------------------------------
+
+
+def _hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def create_key(session: Session, *, name: str, role: Role, grants: Sequence[object] = (),
+               expires_at: datetime | None = None, created_by: str | None = None) -> tuple[ApiKey, str]:
+    """A new key: (its row, the key itself — shown once, never stored)."""
+    if expires_at is not None and expires_at <= utcnow():
+        raise InvalidRequest("expires_at is in the past", field="expires_at")
+    parsed = parse_grants(grants)
+    prefix = secrets.token_hex(6)
+    key = f"{KEY_PREFIX}{prefix}_{secrets.token_urlsafe(24)}"
+    row = ApiKey(prefix=prefix, key_hash=_hash(key), name=name, role=role, expires_at=expires_at,
+                 grants=[{"backends": g.backends, "access": g.access} for g in parsed], created_by=created_by)
+    session.add(row)
+    session.flush()
+    return row, key
+
+
+def authenticate_key(session: Session, key: str) -> Principal:
+    """The principal of an API key; Unauthenticated if it is unknown, expired or revoked."""
+    _, _, rest = key.partition(KEY_PREFIX)
+    prefix, sep, _ = rest.partition("_")
+    row = session.scalars(select(ApiKey).where(ApiKey.prefix == prefix)).first() if sep else None
+    # Compare even when nothing matched, so timing does not tell a known prefix apart.
+    expected = row.key_hash if row is not None else _hash("")
+    if not hmac.compare_digest(expected, _hash(key)) or row is None:
+        raise Unauthenticated("the API key is not valid")
+    now = utcnow()
+    if row.revoked_at is not None:
+        raise Unauthenticated(f"API key {prefix} was revoked")
+    if row.expires_at is not None and row.expires_at <= now:
+        raise Unauthenticated(f"API key {prefix} expired at {row.expires_at.isoformat()}")
+    if row.last_used_at is None or (now - row.last_used_at).total_seconds() > 60:
+        row.last_used_at = now  # coarse, so a busy key does not write on every call
+    return Principal("key", prefix, row.name, row.role, parse_grants(row.grants))
+
+
+def keys_exist(session: Session) -> bool:
+    return session.scalars(select(ApiKey.id).where(ApiKey.revoked_at.is_(None)).limit(1)).first() is not None
+
+
+# -- the CLI's key, and the embedded server's first one --------------------------------------
+
+
+def read_key_file(path: Path) -> str | None:
+    """The key in `path`, or None if there is no such file. A file others may read is
+    refused (Unauthenticated names the fix): a key is as good as a password."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    if st.st_mode & 0o077:
+        raise Unauthenticated(f"{path} is readable by others (mode {stat.S_IMODE(st.st_mode):04o}); "
+                              f"run: chmod 600 {path}")
+    return path.read_text(encoding="utf-8").strip() or None
+
+
+def write_key_file(path: Path, key: str) -> None:
+    """Store `key` in a new 0600 file (created with that mode: never readable by others)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(key + "\n")
+
+
+def bootstrap_admin_key(session: Session, path: Path) -> str | None:
+    """On an embedded server's first start (no key at all yet): create an admin key and
+    store it in `path`. Returns the key's prefix, or None when keys already exist."""
+    if session.scalars(select(ApiKey.id).limit(1)).first() is not None:
+        return None
+    row, key = create_key(session, name="embedded admin (ferry serve)", role=Role.admin, created_by="ferry serve")
+    if path.exists():  # a stale file from another catalog: keep it aside, never overwrite silently
+        path.replace(path.with_suffix(".key.old"))
+    write_key_file(path, key)
+    return row.prefix
+
+
+def is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
