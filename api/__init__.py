@@ -11,7 +11,7 @@ from werkzeug.exceptions import HTTPException
 from api import openapi
 from api.schemas import ErrorBody
 from ferry.errors import FerryError
-from ferry.security import Unauthenticated, check
+from ferry.security import RateLimited, Unauthenticated, check
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         response = jsonify({"error": exc.to_dict()})
         if isinstance(exc, Unauthenticated):
             response.headers["WWW-Authenticate"] = 'Bearer realm="ferry"'
+        if isinstance(exc, RateLimited):
+            response.headers["Retry-After"] = str(exc.retry_after)
         return response, exc.status
 
     @app.errorhandler(HTTPException)

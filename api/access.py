@@ -60,16 +60,24 @@ def authenticate() -> None:
     g.principal = None
     if request.endpoint in PUBLIC_ENDPOINTS:
         return
-    token = _bearer()
+    limits = security.rate_limits()
+    try:
+        g.principal = _principal(_bearer())
+    except Unauthenticated:
+        limits.failed_authentication(request.remote_addr or "unknown")  # guessing is slowed down
+        raise
+    limits.caller(g.principal)
+
+
+def _principal(token: str | None) -> Principal:
     if token is None:
         raise Unauthenticated("credentials are needed: send 'Authorization: Bearer <API key>'")
     if token.startswith(KEY_PREFIX):
         with transaction() as session:
-            g.principal = security.authenticate_key(session, token)
-        return
+            return security.authenticate_key(session, token)
     from ferry import oidc
 
-    g.principal = oidc.authenticate(token)
+    return oidc.authenticate(token)
 
 
 def record(response: Response) -> Response:

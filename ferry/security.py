@@ -21,12 +21,14 @@ cannot be guessed); `prefix` finds the row and names the key in lists and the au
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import hmac
 import ipaddress
 import os
 import secrets
 import stat
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -49,6 +51,17 @@ class Unauthenticated(FerryError):
 
     code = "unauthenticated"
     status = 401
+
+
+class RateLimited(FerryError):
+    """Raised when a caller exceeds its request rate; `retry_after` is in seconds."""
+
+    code = "rate_limited"
+    status = 429
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message, details={"retry_after": retry_after})
+        self.retry_after = retry_after
 
 
 class Forbidden(FerryError):
@@ -202,3 +215,42 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+# -- rate limits ---------------------------------------------------------------------------
+
+
+class RateLimits:
+    """Moving-window limits (the `limits` library) per caller and per failing client address,
+    counted in shared storage (Redis in a cluster), so every API process sees one count."""
+
+    def __init__(self, storage_uri: str, per_caller: str, per_failing_address: str):
+        from limits import parse
+        from limits.storage import storage_from_string
+        from limits.strategies import MovingWindowRateLimiter
+
+        self.limiter = MovingWindowRateLimiter(storage_from_string(storage_uri))
+        self.per_caller = parse(per_caller)
+        self.per_failing_address = parse(per_failing_address)
+
+    def _hit(self, limit, *identity: str) -> None:
+        if not self.limiter.hit(limit, "ferry", *identity):
+            reset_at = self.limiter.get_window_stats(limit, "ferry", *identity).reset_time
+            retry = max(1, int(reset_at - time.time() + 0.999))
+            raise RateLimited(f"rate limit {limit} exceeded; retry in {retry} s", retry)
+
+    def caller(self, principal: Principal) -> None:
+        self._hit(self.per_caller, principal.kind, principal.id)
+
+    def failed_authentication(self, address: str) -> None:
+        self._hit(self.per_failing_address, "auth-failure", address)
+
+
+@functools.cache
+def rate_limits() -> RateLimits:
+    from ferry.settings import get_settings
+
+    settings = get_settings()
+    storage = settings.rate_limit_storage or (
+        settings.broker if settings.broker.startswith(("redis://", "rediss://")) else "memory://")
+    return RateLimits(storage, settings.rate_limit, settings.auth_failure_limit)

@@ -81,6 +81,13 @@ class Settings(BaseSettings):
     # `ferry serve` keeps in its data directory), which must be 0600.
     api_key: str | None = None
     api_key_file: Path | None = None
+    # Requests per authenticated caller (key or OIDC subject), and failed authentications per
+    # client address, in the `limits` notation ("1200/minute"); counted in
+    # FERRY_RATE_LIMIT_STORAGE (default: the Redis broker, shared by every API process; in
+    # memory per process in embedded mode).
+    rate_limit: str = "1200/minute"
+    auth_failure_limit: str = "60/minute"
+    rate_limit_storage: str | None = None
     # OIDC bearer tokens (ferry.oidc), off unless an issuer is set: the `iss` tokens must
     # carry, and the `aud` they must be for. The keys come from `oidc_jwks_url`, or from the
     # issuer's /.well-known/openid-configuration when it is not set.

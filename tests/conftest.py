@@ -57,6 +57,9 @@ def pytest_configure(config: pytest.Config) -> None:
         "FERRY_DATABASE_URL": db_url,
         "FERRY_BROKER_URL": broker,
         "FERRY_BACKENDS_FILE": str(backends_file),
+        # Tests call fast and fail authentication on purpose; test_security checks the limits.
+        "FERRY_RATE_LIMIT": "100000/minute",
+        "FERRY_AUTH_FAILURE_LIMIT": "100000/minute",
     })
     _state.update(tmp=tmp, dbname=dbname, db_url=db_url, broker=broker)
 

@@ -279,3 +279,35 @@ def test_policy_documents_grant_what_they_place(app):
     assert r.status_code == 403 and r.get_json()["error"]["details"]["missing"].startswith("write:")
     retention = {**hot, "name": f"{PREFIX}-ret", "retention": {"delete_after": "30d"}}  # deletes anywhere
     assert call(app, key, "POST", "/v1/policies", json={"yaml": yaml.safe_dump(retention)}).status_code == 403
+
+
+@pytest.fixture
+def tight_limits(monkeypatch):
+    from ferry import security
+
+    monkeypatch.setenv("FERRY_RATE_LIMIT", "5/minute")
+    monkeypatch.setenv("FERRY_AUTH_FAILURE_LIMIT", "3/minute")
+    get_settings.cache_clear()
+    security.rate_limits.cache_clear()
+    yield
+    monkeypatch.undo()
+    get_settings.cache_clear()
+    security.rate_limits.cache_clear()
+
+
+def test_rate_limits_per_key_in_redis_answer_429_with_retry_after(app, tight_limits):
+    from ferry import security
+
+    assert get_settings().broker.startswith("redis://")  # counted in the shared Redis, not per process
+    assert "Redis" in type(security.rate_limits().limiter.storage).__name__
+    busy, calm = make_key(Role.viewer), make_key(Role.viewer)
+    assert [call(app, busy, "GET", "/v1/jobs").status_code for _ in range(5)] == [200] * 5
+    r = call(app, busy, "GET", "/v1/jobs")
+    assert r.status_code == 429 and r.get_json()["error"]["code"] == "rate_limited"
+    assert 1 <= int(r.headers["Retry-After"]) <= 60
+    assert call(app, calm, "GET", "/v1/jobs").status_code == 200  # per key: another key is not slowed
+    # Guessing keys from one address: refused outright once over the limit.
+    address = {"REMOTE_ADDR": "192.0.2.77"}
+    codes = [call(app, f"fy_guess{i}_x", "GET", "/v1/jobs", environ_base=address).status_code for i in range(4)]
+    assert codes == [401, 401, 401, 429]
+    assert call(app, calm, "GET", "/v1/jobs", environ_base=address).status_code == 200  # a good key still works
