@@ -35,7 +35,8 @@ out = Console()
 
 
 def fail(message: str, code: int) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    # One line whatever the terminal's width, so logs and scripts can grep it.
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
     sys.exit(code)
 
 

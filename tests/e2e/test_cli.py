@@ -76,3 +76,54 @@ def test_no_wait_returns_the_job_id(cluster, disks):
     job_id = r.stdout.strip()
     watched = ferry(cluster, "job", "watch", job_id, "--json")
     assert watched.returncode == 0 and json.loads(watched.stdout)["state"] == "succeeded"
+
+
+def test_admin_keys_from_the_cli_and_the_audit_of_what_they_did(cluster, disks):
+    r = ferry(cluster, "admin", "key", "create", "--name", "robot", "--role", "operator",
+              "--grant", "read:local", "--grant", "write:arch*", "--json")
+    assert r.returncode == 0, r.stderr
+    created = json.loads(r.stdout)
+    key, prefix = created["key"], created["prefix"]
+    listed = ferry(cluster, "admin", "key", "list", "--json")
+    assert key not in listed.stdout
+    mine = next(k for k in json.loads(listed.stdout) if k["prefix"] == prefix)
+    assert (mine["role"], mine["grants"]) == ("operator", [{"backends": "local", "access": "read"},
+                                                           {"backends": "arch*", "access": "write"}])
+
+    (disks / "local" / "cli-k").mkdir(parents=True)
+    (disks / "local" / "cli-k" / "f").write_text("f")
+    env_key = {**os.environ, "FERRY_API_URL": cluster.api_url, "FERRY_API_KEY": key}
+
+    def as_robot(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([FERRY, *args], capture_output=True, text=True, env=env_key, timeout=180)
+
+    assert as_robot("replicate", "local:cli-k/", "archive:cli-k/").returncode == 0
+    denied = as_robot("migrate", "local:cli-k/", "archive:cli-k2/")  # would delete at local
+    assert denied.returncode == 2 and "write:local" in denied.stderr, denied.stderr
+    assert as_robot("admin", "key", "list").returncode == 2  # not an admin
+
+    audit = ferry(cluster, "audit", "--actor", prefix, "--json")
+    entries = json.loads(audit.stdout)
+    assert {(e["action"], e["outcome"]) for e in entries} >= {("jobs.create", "ok"), ("jobs.create", "denied"),
+                                                             ("keys.list_keys", "denied")}
+    assert ferry(cluster, "admin", "key", "revoke", prefix).returncode == 0
+    gone = as_robot("events")
+    assert gone.returncode == 2 and "revoked" in gone.stderr
+
+
+
+def test_the_cli_reads_its_key_from_a_private_file(cluster, tmp_path):
+    from ferry.security import write_key_file
+
+    path = tmp_path / "ferry.key"
+    write_key_file(path, os.environ["FERRY_API_KEY"])
+    env = {k: v for k, v in os.environ.items() if k != "FERRY_API_KEY"}
+    env.update(FERRY_API_URL=cluster.api_url, FERRY_API_KEY_FILE=str(path))
+    r = subprocess.run([FERRY, "events"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    path.chmod(0o640)
+    r = subprocess.run([FERRY, "events"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 2 and "readable by others" in r.stderr
+    env["FERRY_API_KEY_FILE"] = str(tmp_path / "absent")
+    r = subprocess.run([FERRY, "events"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 2 and "credentials are needed" in r.stderr

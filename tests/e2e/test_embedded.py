@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from ferry.cli.launch import ProcessGroup, wait_ready
@@ -58,6 +59,17 @@ def test_serve_and_migrate_without_servers(tmp_path):
             raise AssertionError(f"the embedded policy did not converge: {r.stdout} {r.stderr}")
         r = subprocess.run([FERRY, "verify", "local:photos/"], env=env, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0 and "40 ok" in r.stdout, (r.stdout, r.stderr)
+        # Safe by default: the first start made an admin key, 0600, that the CLI above used;
+        # without it the API answers 401 (health checks only are open).
+        key_file = tmp_path / "home" / "admin.key"
+        assert key_file.stat().st_mode & 0o777 == 0o600 and key_file.read_text().startswith("fy_")
+        assert httpx.get(env["FERRY_API_URL"] + "/v1/jobs", timeout=10).status_code == 401
+        assert httpx.get(env["FERRY_API_URL"] + "/healthz", timeout=10).status_code == 200
+        # Others may not read the key: the CLI refuses to use it, saying how to fix it.
+        key_file.chmod(0o644)
+        r = subprocess.run([FERRY, "events"], env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "chmod 600" in r.stderr, (r.stdout, r.stderr)
+        key_file.chmod(0o600)
     finally:
         serve.send_signal(signal.SIGINT)  # as Ctrl-C: serve stops its children and exits 0
         serve.wait(timeout=60)
@@ -68,3 +80,15 @@ def test_serve_and_migrate_without_servers(tmp_path):
     for key, sha in digests.items():  # copied back by the policy, under the same keys
         assert hashlib.sha256((photos / key).read_bytes()).hexdigest() == sha
     assert (tmp_path / "home" / "ferry.db").exists()
+
+
+def test_serve_on_an_open_address_without_credentials_refuses_to_start(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FERRY_")}
+    env.update(FERRY_DATA_DIR=str(tmp_path / "home"))
+    r = subprocess.run([FERRY, "serve", "--host", "0.0.0.0", "--port", str(free_port())], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "no credentials configured" in r.stderr, (r.stdout, r.stderr)
+    assert not (tmp_path / "home" / "admin.key").exists()
+    r = subprocess.run([FERRY, "api", "--bind", f"0.0.0.0:{free_port()}"], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "no credentials configured" in r.stderr, (r.stdout, r.stderr)
