@@ -349,3 +349,24 @@ class AuditEntryOut(BaseModel):
 class AuditList(BaseModel):
     entries: list[AuditEntryOut]
     next_before_id: int | None = Field(description="pass as before_id for the next page; null at the end")
+
+
+class BackendCheck(Strict):
+    name: str = Field("candidate", min_length=1, max_length=63, pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    driver: str = Field(min_length=1, max_length=40)
+    labels: dict[str, str] = Field(default_factory=dict)
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+
+class CapacityOut(BaseModel):
+    used: int
+    limit: int | None
+
+
+class BackendCheckOut(BaseModel):
+    name: str
+    driver: str
+    ok: bool = Field(description="the backend answered as its protocol promises")
+    error: str | None
+    capacity: CapacityOut | None
+    seconds: float

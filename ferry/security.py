@@ -254,3 +254,80 @@ def rate_limits() -> RateLimits:
     storage = settings.rate_limit_storage or (
         settings.broker if settings.broker.startswith(("redis://", "rediss://")) else "memory://")
     return RateLimits(storage, settings.rate_limit, settings.auth_failure_limit)
+
+
+# -- endpoints given through the API (SSRF) --------------------------------------------------
+
+# Cloud metadata services: never, whatever the allow-list says.
+_METADATA = [ipaddress.ip_network(n) for n in ("169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128",
+                                                "100.100.100.200/32", "0.0.0.0/8", "::/128")]
+_METADATA_NAMES = {"metadata.google.internal", "metadata", "instance-data", "instance-data.ec2.internal"}
+
+
+class EndpointRefused(InvalidRequest):
+    """Raised when a URL given through the API points where Ferry must not connect."""
+
+    code = "endpoint_refused"
+
+
+def check_endpoint(url: str, allowlist: Sequence[str], *, field: str = "url",
+                   resolve=None) -> None:
+    """Refuse (EndpointRefused) a URL unless it is http(s) to a host the allow-list names,
+    every address it resolves to is in an allow-listed CIDR or was named by host pattern,
+    and none is a metadata service or link-local. Resolution is checked here, so a name
+    that resolves to 169.254.169.254 is refused too."""
+    from urllib.parse import urlsplit
+
+    resolve = resolve or _resolve
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise EndpointRefused(f"{url!r} is not a URL: {exc}", field=field) from None
+    host = (parts.hostname or "").lower().rstrip(".")
+    if parts.scheme not in ("http", "https") or not host:
+        raise EndpointRefused(f"{url!r}: only http(s) URLs with a host are accepted", field=field)
+    if parts.username or parts.password:
+        raise EndpointRefused(f"{url!r}: credentials in a URL are refused; use the driver's secret settings",
+                              field=field)
+    if host in _METADATA_NAMES:
+        raise EndpointRefused(f"{host} is a cloud metadata service: never reachable through Ferry", field=field)
+    nets = []
+    by_name = False
+    for entry in allowlist:
+        try:
+            nets.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            by_name = by_name or fnmatch.fnmatchcase(host, entry.lower())
+    try:
+        addresses = resolve(host, port or (443 if parts.scheme == "https" else 80))
+    except OSError as exc:
+        raise EndpointRefused(f"{host} does not resolve ({exc})", field=field) from None
+    for address in addresses:
+        ip = ipaddress.ip_address(address)
+        if any(ip in net for net in _METADATA) or ip.is_multicast:
+            raise EndpointRefused(f"{host} resolves to {ip}, a link-local/metadata address: refused", field=field)
+        if not by_name and not any(ip in net for net in nets):
+            raise EndpointRefused(
+                f"{host} ({ip}) is not in FERRY_ENDPOINT_ALLOWLIST: endpoints given through the API must be "
+                "allow-listed", field=field)
+
+
+def _resolve(host: str, port: int) -> list[str]:
+    import socket
+
+    return sorted({info[4][0] for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)})
+
+
+def urls_in(settings: object, path: str = "settings") -> list[tuple[str, str]]:
+    """Every URL in a backend's settings (any string with '://'), with its dotted place."""
+    found = []
+    if isinstance(settings, dict):
+        for k, v in settings.items():
+            found += urls_in(v, f"{path}.{k}")
+    elif isinstance(settings, list):
+        for i, v in enumerate(settings):
+            found += urls_in(v, f"{path}[{i}]")
+    elif isinstance(settings, str) and "://" in settings:
+        found.append((path, settings))
+    return found

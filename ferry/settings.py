@@ -85,6 +85,10 @@ class Settings(BaseSettings):
     # client address, in the `limits` notation ("1200/minute"); counted in
     # FERRY_RATE_LIMIT_STORAGE (default: the Redis broker, shared by every API process; in
     # memory per process in embedded mode).
+    # Hosts a backend endpoint given through the API (POST /v1/backends/check) may name:
+    # fnmatch patterns over host names ("*.s3.amazonaws.com") and CIDRs ("10.20.0.0/16").
+    # Empty: no endpoint is accepted from the API. Metadata services are refused regardless.
+    endpoint_allowlist: list[str] = Field(default_factory=list)
     rate_limit: str = "1200/minute"
     auth_failure_limit: str = "60/minute"
     rate_limit_storage: str | None = None

@@ -8,6 +8,7 @@ each call is let through or refused with 401/403 exactly as ferry.security says.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import uuid
 from datetime import timedelta
@@ -107,6 +108,7 @@ def sample(op, world: dict, revocable: str) -> tuple[str, dict]:
             "objects.label": {"tags": ["matrix"]},
             "objects.hold": {"hold": False},
             "keys.create_key": {"name": "from the matrix", "role": "viewer"},
+            "backends.check": {"driver": "s3", "settings": {"bucket": "b", "endpoint_url": "http://169.254.169.254"}},
         }[op.endpoint]
     return path, {"json": body} if body is not None else {}
 
@@ -311,3 +313,84 @@ def test_rate_limits_per_key_in_redis_answer_429_with_retry_after(app, tight_lim
     codes = [call(app, f"fy_guess{i}_x", "GET", "/v1/jobs", environ_base=address).status_code for i in range(4)]
     assert codes == [401, 401, 401, 429]
     assert call(app, calm, "GET", "/v1/jobs", environ_base=address).status_code == 200  # a good key still works
+
+
+def fake_dns(table: dict[str, list[str]]):
+    def resolve(host: str, port: int) -> list[str]:
+        if host in table:
+            return table[host]
+        try:
+            return [str(ipaddress.ip_address(host))]
+        except ValueError:
+            raise OSError("unknown host") from None
+    return resolve
+
+
+@pytest.mark.parametrize(("url", "allow", "reason"), [
+    ("http://169.254.169.254/latest/meta-data/", ["0.0.0.0/0"], "metadata"),
+    ("http://[fd00:ec2::254]/", ["::/0"], "metadata"),
+    ("http://metadata.google.internal/computeMetadata/v1/", ["*"], "metadata"),
+    ("http://rebind.example/", ["*.example"], "metadata"),      # allowed by name, resolves to metadata
+    ("http://10.0.0.5:9000/", [], "not in FERRY_ENDPOINT_ALLOWLIST"),
+    ("http://10.0.0.5:9000/", ["10.1.0.0/16"], "not in FERRY_ENDPOINT_ALLOWLIST"),
+    ("http://127.0.0.1:5001/", ["*.internal"], "not in FERRY_ENDPOINT_ALLOWLIST"),
+    ("http://evil.example/", ["minio.internal"], "not in FERRY_ENDPOINT_ALLOWLIST"),
+    ("file:///etc/passwd", ["*"], "only http"),
+    ("gopher://minio.internal/", ["*"], "only http"),
+    ("http://user:pw@minio.internal/", ["*"], "credentials in a URL"),
+    ("http://nowhere.invalid/", ["*"], "does not resolve"),
+    ("http://[::1/", ["*"], "not a URL"),
+])
+def test_endpoints_outside_the_allowlist_are_refused(url, allow, reason):
+    from ferry.security import EndpointRefused, check_endpoint
+
+    dns = fake_dns({"rebind.example": ["169.254.169.254"], "evil.example": ["10.0.0.9"],
+                    "minio.internal": ["10.0.0.7"]})
+    with pytest.raises(EndpointRefused, match=reason):
+        check_endpoint(url, allow, resolve=dns)
+
+
+@pytest.mark.parametrize(("url", "allow"), [
+    ("http://minio.internal:9000/", ["minio.internal"]),
+    ("https://s3.eu-west-1.amazonaws.com/", ["*.amazonaws.com"]),
+    ("http://10.0.0.5:9000/", ["10.0.0.0/8"]),
+    ("http://127.0.0.1:5001/", ["127.0.0.1/32"]),
+])
+def test_allowlisted_endpoints_pass(url, allow):
+    from ferry.security import check_endpoint
+
+    check_endpoint(url, allow, resolve=fake_dns({"minio.internal": ["10.0.0.7"],
+                                                 "s3.eu-west-1.amazonaws.com": ["52.95.1.1"]}))
+
+
+def test_backend_check_connects_only_to_allowlisted_endpoints(app, keys, s3_server, monkeypatch):
+    admin = keys["admin"]
+    body = {"name": "candidate", "driver": "s3", "settings": {
+        "bucket": "ferry-e2e", "endpoint_url": s3_server, "create_bucket": True,
+        "access_key_id": {"env": "AWS_ACCESS_KEY_ID"}, "secret_access_key": {"env": "AWS_SECRET_ACCESS_KEY"}}}
+    r = call(app, admin, "POST", "/v1/backends/check", json=body)  # nothing allow-listed by default
+    assert r.status_code == 422 and r.get_json()["error"]["code"] == "endpoint_refused"
+    assert r.get_json()["error"]["field"] == "settings.endpoint_url"
+    monkeypatch.setenv("FERRY_ENDPOINT_ALLOWLIST", '["127.0.0.1/32"]')
+    get_settings.cache_clear()
+    try:
+        r = call(app, admin, "POST", "/v1/backends/check", json=body)
+        assert r.status_code == 200 and r.get_json()["ok"] is True, r.get_json()
+        down = {**body, "settings": {**body["settings"], "endpoint_url": "http://127.0.0.1:9",
+                                     "connect_timeout": 0.5, "max_attempts": 1}}
+        r = call(app, admin, "POST", "/v1/backends/check", json=down)
+        assert r.status_code == 200 and r.get_json()["ok"] is False and r.get_json()["error"]
+        meta = {**body, "settings": {**body["settings"], "endpoint_url": "http://169.254.169.254"}}
+        r = call(app, admin, "POST", "/v1/backends/check", json=meta)
+        assert r.status_code == 422 and "metadata" in r.get_json()["error"]["message"]
+        gw = {"driver": "gateway", "settings": {"gateways": ["http://127.0.0.1:9", "http://10.9.9.9"]}}
+        r = call(app, admin, "POST", "/v1/backends/check", json=gw)
+        assert r.status_code == 422 and r.get_json()["error"]["field"] == "settings.gateways[1]"
+        clear = {**body, "settings": {**body["settings"], "secret_access_key": "hunter2"}}
+        r = call(app, admin, "POST", "/v1/backends/check", json=clear)
+        assert r.status_code == 422 and "hunter2" not in r.get_data(as_text=True)
+        local = {"driver": "local", "settings": {"root": "/etc"}}
+        assert call(app, admin, "POST", "/v1/backends/check", json=local).status_code == 422
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
