@@ -384,6 +384,12 @@ class Bench:
 
         get_settings.cache_clear()
         upgrade()
+        from ferry.catalog.db import transaction
+        from ferry.catalog.models import Role
+        from ferry.security import create_key
+
+        with transaction() as session:  # the bench's own admin key (the API needs credentials)
+            _, self.key = create_key(session, name="bench", role=Role.admin)
         port = free_port()
         self.api_url = f"http://127.0.0.1:{port}"
         self.procs.start("api", launch.api_command(f"127.0.0.1:{port}", workers=2, threads=4))
@@ -395,7 +401,7 @@ class Bench:
 
         import httpx
 
-        self.api = httpx.Client(base_url=self.api_url, timeout=600)
+        self.api = httpx.Client(base_url=self.api_url, timeout=600, headers={"Authorization": f"Bearer {self.key}"})
         self.sampler = RssSampler(worker.pid)
         self.sampler.start()
 
