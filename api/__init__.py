@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
-from flask import Flask, g, jsonify
+from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from api import openapi
@@ -56,8 +57,11 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):
-        log.exception("unhandled error")
-        return jsonify({"error": {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"}}), 500
+        # The details (SQL, parameters, paths) go to the log only, under an id the caller can quote.
+        error_id = uuid.uuid4().hex[:12]
+        log.exception("unhandled error %s in %s %s", error_id, request.method, request.path)
+        return jsonify({"error": {"code": "internal_error",
+                                  "message": f"internal error {error_id}: see the API's log"}}), 500
 
     with transaction() as session:
         sync_backends(session, get_settings().backends())

@@ -18,7 +18,7 @@ from flask import Blueprint, g, request
 from pydantic import BaseModel, ValidationError
 
 from ferry import __version__
-from ferry.errors import InvalidRequest
+from ferry.errors import InvalidRequest, NotFound
 from ferry.security import check
 
 
@@ -27,6 +27,10 @@ class MalformedBody(InvalidRequest):
 
     code = "malformed_json"
     status = 400
+
+
+class PathNotFound(NotFound):
+    """Raised for a path parameter nothing can be named by."""
 
 
 @dataclass
@@ -67,6 +71,9 @@ def operation(bp: Blueprint, rule: str, method: str, *, summary: str, responses:
         def view(**kwargs: Any) -> Any:
             if permission != "public":
                 check(g.principal, permission)
+            for name in op.path_params:  # no job, object, policy or key has a NUL in its name
+                if "\x00" in str(kwargs.get(name, "")):
+                    raise PathNotFound(f"no {name} contains a NUL character", field=name)
             if body is not None:
                 kwargs["body"] = validated(body, _json_body())
             if query is not None:
@@ -144,6 +151,10 @@ def spec(error_model: type[BaseModel]) -> dict[str, Any]:
             entry["security"] = [{"apiKey": []}]
             entry["x-ferry-permission"] = op.permission
             errors += [401, 403, 429]
+        # Answered by the HTTP server (gunicorn) before the API sees the request: a request
+        # line over 8190 bytes. Its body is the server's short HTML page, not the JSON shape.
+        entry["responses"]["414"] = {"description": _REASONS[414], "content": {"text/html": {"schema": {
+            "type": "string"}}}}
         for status in errors:
             entry["responses"].setdefault(str(status), {
                 "description": _REASONS[status], "content": {"application/json": {"schema": error_ref}}})
@@ -160,6 +171,7 @@ def spec(error_model: type[BaseModel]) -> dict[str, Any]:
 
 
 _REASONS = {200: "OK", 201: "Created", 202: "Accepted", 400: "Malformed request", 401: "Missing or bad credentials",
-            403: "A permission is missing", 404: "Not found", 429: "Rate limit exceeded",
+            403: "A permission is missing", 404: "Not found", 414: "Request line too long (over 8190 bytes)",
+            429: "Rate limit exceeded",
             409: "Conflict with the current state", 413: "Request body too large",
             422: "Invalid request", 500: "Internal error", 503: "Not ready"}

@@ -35,10 +35,13 @@ events_bp = Blueprint("events", __name__, url_prefix="/v1/events")
 
 
 def policy_out(row: PolicyRow, *, changed: bool = False, versions: list | None = None) -> dict:
-    return PolicyOut(name=row.name, version=row.version, changed=changed, document=row.document,
-                     created_at=row.created_at, updated_at=row.updated_at, next_run_at=row.next_run_at,
-                     run_started_at=row.run_started_at, last_pass_at=row.last_pass_at,
-                     converged_at=row.converged_at, versions=versions).model_dump(mode="json", exclude_none=True)
+    out = PolicyOut(name=row.name, version=row.version, changed=changed, document=row.document,
+                    created_at=row.created_at, updated_at=row.updated_at, next_run_at=row.next_run_at,
+                    run_started_at=row.run_started_at, last_pass_at=row.last_pass_at,
+                    converged_at=row.converged_at, versions=versions).model_dump(mode="json")
+    if versions is None:  # only GET shows them; the other fields are required, null when unset
+        del out["versions"]
+    return out
 
 
 def _queries(session, policy: Policy) -> tuple[planner.PolicyQueries, list[planner.PolicyQueries]]:

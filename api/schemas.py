@@ -3,16 +3,62 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
-from typing import Any, Literal
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+)
 
 from ferry.catalog.models import ItemState, JobKind, JobState, ReplicaState
 
 
+def _refuse_nul(value: Any) -> None:
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError("text may not contain a NUL character")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _refuse_nul(k)
+            _refuse_nul(v)
+    elif isinstance(value, list):
+        for v in value:
+            _refuse_nul(v)
+
+
 class Strict(BaseModel):
+    """A request body or query: unknown fields are refused, and so is a NUL character in any
+    text, which the catalog (Postgres) can neither store nor compare."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*")  # after parsing: a nested model has checked its own fields
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        _refuse_nul(value)
+        return value
+
+
+def _storable(value: datetime) -> datetime:
+    try:
+        value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("the instant is outside years 1 to 9999 in UTC") from None
+    return value
+
+
+# An instant in a request: with its UTC offset (a naive time would be ambiguous, and the
+# catalog's columns refuse it) and within the years the catalog can hold.
+Instant = Annotated[AwareDatetime, AfterValidator(_storable)]
+# Bounds of the catalog's integer columns: a query value past them is refused here (422)
+# rather than reaching the database, which fails on it.
+MAX_INT32 = 2**31 - 1
+MAX_INT64 = 2**63 - 1
 
 
 class ErrorDetail(BaseModel):
@@ -113,7 +159,7 @@ class ItemOut(BaseModel):
 
 class ItemQuery(Strict):
     state: ItemState | None = None
-    after: int = Field(-1, ge=-1, description="return items with seq greater than this")
+    after: int = Field(-1, ge=-1, le=MAX_INT32, description="return items with seq greater than this")
     limit: int = Field(100, ge=1, le=1000)
 
 
@@ -249,7 +295,7 @@ class EventOut(BaseModel):
 class EventQuery(Strict):
     kind: str | None = None
     cid: str | None = None
-    after: int = Field(0, ge=0)
+    after: int = Field(0, ge=0, le=MAX_INT64)
     limit: int = Field(100, ge=1, le=1000)
 
 
@@ -289,7 +335,7 @@ class KeyCreate(Strict):
     role: Literal["admin", "operator", "viewer"]
     grants: list[GrantSpec] = Field(default_factory=list, max_length=100,
                                     description="backends an operator or viewer may touch (admins: all)")
-    expires_at: datetime | None = Field(None, description="after this instant the key is refused")
+    expires_at: Instant | None = Field(None, description="after this instant the key is refused")
 
 
 class KeyOut(BaseModel):
@@ -321,9 +367,9 @@ class AuditQuery(Strict):
     policy: str | None = Field(None, max_length=255)
     backend: str | None = Field(None, max_length=255)
     cid: str | None = Field(None, max_length=128)
-    since: datetime | None = None
-    until: datetime | None = None
-    before_id: int | None = Field(None, ge=1, description="page: entries older than this id")
+    since: Instant | None = None
+    until: Instant | None = None
+    before_id: int | None = Field(None, ge=1, le=MAX_INT64, description="page: entries older than this id")
     limit: int = Field(100, ge=1, le=1000)
 
 

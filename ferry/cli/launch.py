@@ -22,7 +22,8 @@ from ferry.settings import Settings
 
 def api_command(bind: str, workers: int = 2, threads: int = 4) -> list[str]:
     return [sys.executable, "-m", "gunicorn", "--bind", bind, "--workers", str(workers),
-            "--threads", str(threads), "--timeout", "120", "--access-logfile", "-", "api.wsgi:app"]
+            "--threads", str(threads), "--timeout", "120", "--limit-request-line", "8190",
+            "--access-logfile", "-", "api.wsgi:app"]
 
 
 def worker_command(queues: Sequence[str], concurrency: int, name: str, loglevel: str = "INFO") -> list[str]:

@@ -216,3 +216,17 @@ def test_an_interval_policy_runs_at_once_and_a_cron_one_waits(client):
     finally:
         client.delete("/v1/policies/every-6h")
         client.delete("/v1/policies/nightly")
+
+
+def test_an_unexpected_error_is_500_without_internals():
+    app = create_app({"TESTING": True, "PROPAGATE_EXCEPTIONS": False})
+
+    def boom():
+        raise RuntimeError("SELECT secret FROM internals WHERE password = 'hunter2'")
+
+    app.add_url_rule("/v1/boom", "boom", boom)
+    r = admin_client(app).get("/v1/boom")
+    assert r.status_code == 500
+    error = r.get_json()["error"]
+    assert error["code"] == "internal_error" and "hunter2" not in r.get_data(as_text=True)
+    assert "see the API's log" in error["message"]
