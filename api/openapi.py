@@ -151,13 +151,16 @@ def spec(error_model: type[BaseModel]) -> dict[str, Any]:
             entry["security"] = [{"apiKey": []}]
             entry["x-ferry-permission"] = op.permission
             errors += [401, 403, 429]
-        # Answered by the HTTP server (gunicorn) before the API sees the request: a request
-        # line over 8190 bytes. Its body is the server's short HTML page, not the JSON shape.
-        entry["responses"]["414"] = {"description": _REASONS[414], "content": {"text/html": {"schema": {
-            "type": "string"}}}}
         for status in errors:
             entry["responses"].setdefault(str(status), {
                 "description": _REASONS[status], "content": {"application/json": {"schema": error_ref}}})
+        # Answered by the HTTP server (gunicorn) before the API sees the request: malformed
+        # HTTP (a broken header: 400) and a request line over 8190 bytes (414). Their body is
+        # the server's short HTML page, not the JSON shape.
+        html = {"text/html": {"schema": {"type": "string"}}}
+        entry["responses"]["414"] = {"description": _REASONS[414], "content": html}
+        bad = entry["responses"].setdefault("400", {"description": _REASONS[400]})
+        bad["content"] = {**bad.get("content", {}), **html}
         paths.setdefault(op.path, {})[op.method] = entry
     return {
         "openapi": "3.1.0",

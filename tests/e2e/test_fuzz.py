@@ -221,6 +221,8 @@ FOUND = {
         "placement": {"backends": "tier=hot", "replicas": 1}, "schedule": "manual"}}}),
     # A request line longer than gunicorn takes (4094 bytes, 8190 at most): its own HTML 414.
     "overlong request line": ("GET /v1/events", {"query": {"kind": "x" * 9000}}),
+    # A malformed header: gunicorn's own HTML 400, now documented on every operation.
+    "malformed header": ("GET /v1/keys", {"headers": {"content-length;": ""}}),
 }
 
 
