@@ -159,8 +159,9 @@ def spec(error_model: type[BaseModel]) -> dict[str, Any]:
         # the server's short HTML page, not the JSON shape.
         html = {"text/html": {"schema": {"type": "string"}}}
         entry["responses"]["414"] = {"description": _REASONS[414], "content": html}
-        bad = entry["responses"].setdefault("400", {"description": _REASONS[400]})
-        bad["content"] = {**bad.get("content", {}), **html}
+        # Any request can be malformed HTTP: 400 is JSON from the API, HTML from the server.
+        entry["responses"]["400"] = {"description": _REASONS[400], "content": {
+            "application/json": {"schema": error_ref}, **html}}
         paths.setdefault(op.path, {})[op.method] = entry
     return {
         "openapi": "3.1.0",
