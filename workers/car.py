@@ -122,11 +122,14 @@ class _Bytes:
                 raise MalformedCar("a varint in the CAR is too long")
 
 
-def _varint_at(data: bytes, pos: int) -> tuple[int, int]:
+def _varint_at(data: bytes, pos: int, what: str = "CAR", error: type[ChecksumMismatch] = MalformedCar
+               ) -> tuple[int, int]:
+    """The unsigned varint at `pos` and the position after it; `error` if it is cut short
+    or longer than 64 bits."""
     n = shift = 0
     while True:
-        if pos >= len(data):
-            raise MalformedCar("truncated varint")
+        if pos >= len(data) or shift > 63:
+            raise error(f"{what}: a varint is cut short or too long")
         byte = data[pos]
         pos += 1
         n |= (byte & 0x7F) << shift
@@ -287,16 +290,7 @@ class FileNode:
 
 
 def _pb_varint(buf: bytes, pos: int, what: str) -> tuple[int, int]:
-    n = shift = 0
-    while True:
-        if pos >= len(buf) or shift > 63:
-            raise MalformedDag(f"{what}: a varint is cut short or too long")
-        byte = buf[pos]
-        pos += 1
-        n |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return n, pos
-        shift += 7
+    return _varint_at(buf, pos, what, MalformedDag)
 
 
 def _pb_fields(buf: bytes, what: str) -> Iterator[tuple[int, int | bytes]]:

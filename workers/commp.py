@@ -24,9 +24,10 @@ Memory is one pending node per tree level (at most ~35 for a 1 TiB piece) plus f
 
 from __future__ import annotations
 
-import base64
 import hashlib
 from dataclasses import dataclass
+
+from workers.cid import _cid_string, _varint
 
 QUANTUM = 127  # payload bytes per four fr32 leaves
 MIN_PAYLOAD = 65  # go-fil-commp-hashhash MinPiecePayload
@@ -190,24 +191,10 @@ class PieceHasher:
         )
 
 
-def _uvarint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _cid_string(cid: bytes) -> str:
-    """Multibase base32 lower-case without padding: the "b..." form."""
-    return "b" + base64.b32encode(cid).decode("ascii").lower().rstrip("=")
-
-
 def _cid_v2(root: bytes, size: int, padded: int, height: int) -> str:
     """FRC-0069: digest = uvarint(padding) || height || root, padding = unpadded tree - payload."""
-    digest = _uvarint(padded // 128 * 127 - size) + bytes([height]) + root
-    return _cid_string(_V2_PREFIX + _uvarint(len(digest)) + digest)
+    digest = _varint(padded // 128 * 127 - size) + bytes([height]) + root
+    return _cid_string(_V2_PREFIX + _varint(len(digest)) + digest)
 
 
 def piece_of_bytes(data: bytes | bytearray | memoryview) -> Piece:
