@@ -57,13 +57,18 @@ def _cbor_head(major: int, n: int) -> bytes:
     raise ValueError("too large for CBOR")
 
 
-def header(root: bytes) -> bytes:
+def header(*roots: bytes) -> bytes:
     """The framed dag-cbor header: map keys in dag-cbor order ("roots" before "version"),
-    the root as tag 42 over a byte string with the multibase identity prefix 0x00."""
-    link = b"\x00" + root
-    body = (_cbor_head(5, 2) + _cbor_head(3, 5) + b"roots" + _cbor_head(4, 1) + b"\xd8\x2a"
-            + _cbor_head(2, len(link)) + link + _cbor_head(3, 7) + b"version" + _cbor_head(0, 1))
+    each root as tag 42 over a byte string with the multibase identity prefix 0x00."""
+    links = b"".join(b"\xd8\x2a" + _cbor_head(2, len(root) + 1) + b"\x00" + root for root in roots)
+    body = (_cbor_head(5, 2) + _cbor_head(3, 5) + b"roots" + _cbor_head(4, len(roots)) + links
+            + _cbor_head(3, 7) + b"version" + _cbor_head(0, 1))
     return _varint(len(body)) + body
+
+
+def section(cid: bytes, block: bytes) -> bytes:
+    """One framed CAR section: varint length, the CID's bytes, the block."""
+    return _varint(len(cid) + len(block)) + cid + block
 
 
 def write_car(chunks: Iterable[bytes], root_cid: str) -> Iterator[bytes]:
@@ -71,7 +76,7 @@ def write_car(chunks: Iterable[bytes], root_cid: str) -> Iterator[bytes]:
     Raises ChecksumMismatch at the end if the bytes do not make that CID (what was
     yielded must then be thrown away)."""
     pending: list[bytes] = []
-    hasher = ContentHasher(on_block=lambda cid, block: pending.append(_varint(len(cid) + len(block)) + cid + block))
+    hasher = ContentHasher(on_block=lambda cid, block: pending.append(section(cid, block)))
     yield header(cid_bytes(root_cid))
     for chunk in chunks:
         hasher.update(chunk)

@@ -81,6 +81,7 @@ class JobKind(enum.StrEnum):
     replicate = "replicate"
     verify = "verify"          # re-hash replicas under a prefix (on demand)
     reconcile = "reconcile"    # the work one reconcile pass found missing (policies, healing)
+    deal = "deal"              # pack objects into pieces and make Filecoin storage deals of them
 
 
 class JobState(enum.StrEnum):
@@ -115,6 +116,7 @@ class ItemAction(enum.StrEnum):
     copy = "copy"            # source -> dest, verified (a move is a copy, then a delete of the source)
     delete = "delete"        # remove the replica at dest
     verify = "verify"        # re-read and re-hash the replica at dest
+    deal = "deal"            # pack the object into a piece for Filecoin deals made by dest
 
 
 class CheckResult(enum.StrEnum):
@@ -363,3 +365,133 @@ class AuditEntry(Base):
     backends: Mapped[list[str]] = mapped_column(JSON, default=list)
     cid: Mapped[str | None] = mapped_column(String(128))
     detail: Mapped[str | None] = mapped_column(Text)
+
+
+class DealState(enum.StrEnum):
+    planned = "planned"        # Ferry chose a provider; nothing sent yet
+    proposed = "proposed"      # the deal tool sent the proposal and the provider took it
+    published = "published"    # on chain (a deal id), not yet in a proven sector
+    active = "active"          # the chain shows it sealed (sector start) and not slashed
+    expiring = "expiring"      # active, within the renewal window before its end epoch
+    expired = "expired"        # past its end epoch
+    rejected = "rejected"      # the provider refused the proposal
+    failed = "failed"          # anything else ended it (proposal expired, bad fetch, datacap short...)
+    slashed = "slashed"        # the chain shows a slash epoch: the provider lost the data
+
+    @property
+    def open(self) -> bool:
+        return self in OPEN_DEAL_STATES
+
+
+# Deals that may still become (or are) active: a piece's copies count them while planning.
+OPEN_DEAL_STATES = frozenset({DealState.planned, DealState.proposed, DealState.published})
+LIVE_DEAL_STATES = frozenset({DealState.active, DealState.expiring})
+ENDED_DEAL_STATES = frozenset({DealState.expired, DealState.rejected, DealState.failed, DealState.slashed})
+
+
+class ProviderAccess(enum.StrEnum):
+    auto = "auto"      # chosen on reputation and price
+    allow = "allow"    # preferred: ranked before every auto provider
+    deny = "deny"      # never chosen
+
+
+class Provider(Base):
+    """A Filecoin storage provider Ferry may make deals with: its terms as ops entered
+    them, and a manual allow/deny. Its reputation is computed from Ferry's own deals."""
+
+    __tablename__ = "providers"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # actor id, f0...
+    region: Mapped[str | None] = mapped_column(String(63))
+    # attoFIL per GiB per epoch, for unverified and verified (datacap) deals.
+    price: Mapped[int] = mapped_column(BigInteger, default=0)
+    verified_price: Mapped[int] = mapped_column(BigInteger, default=0)
+    min_piece_size: Mapped[int] = mapped_column(BigInteger, default=256)
+    max_piece_size: Mapped[int] = mapped_column(BigInteger, default=2**36)
+    verified: Mapped[bool] = mapped_column(Boolean, default=True)  # takes verified deals
+    # Trustless HTTP retrieval base URL (booster-http): /ipfs/{cid} below it.
+    retrieval_url: Mapped[str | None] = mapped_column(String(1024))
+    access: Mapped[ProviderAccess] = mapped_column(_enum(ProviderAccess, "provider_access"),
+                                                   default=ProviderAccess.auto)
+    notes: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Piece(Base):
+    """A CARv1 file of whole objects, prepared for deals: its piece CID (CommP), padded
+    size and where the CAR lies for providers to fetch."""
+
+    __tablename__ = "pieces"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    piece_cid: Mapped[str] = mapped_column(String(128), unique=True)
+    padded_size: Mapped[int] = mapped_column(BigInteger)
+    car_size: Mapped[int] = mapped_column(BigInteger)
+    root_cid: Mapped[str] = mapped_column(String(128))  # the first object's: the deal label
+    backend: Mapped[str] = mapped_column(String(63))    # the filecoin backend that made it
+    path: Mapped[str | None] = mapped_column(String(1024))  # the CAR, None once removed
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class PieceObject(Base):
+    """Which objects a piece holds."""
+
+    __tablename__ = "piece_objects"
+
+    piece_id: Mapped[int] = mapped_column(ForeignKey("pieces.id", ondelete="CASCADE"), primary_key=True)
+    object_id: Mapped[int] = mapped_column(ForeignKey("objects.id", ondelete="CASCADE"), primary_key=True,
+                                           index=True)
+
+
+class Deal(Base):
+    """One storage deal of one piece with one provider, from Ferry's choice to its end.
+    Ferry never records a deal it did not propose; `active` is set from the chain."""
+
+    __tablename__ = "deals"
+    __table_args__ = (Index("ix_deals_state", "state"), Index("ix_deals_piece", "piece_id"))
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    piece_id: Mapped[int] = mapped_column(ForeignKey("pieces.id"))
+    backend: Mapped[str] = mapped_column(String(63))
+    provider: Mapped[str] = mapped_column(String(32))
+    client: Mapped[str] = mapped_column(String(128))
+    state: Mapped[DealState] = mapped_column(_enum(DealState, "deal_state"))
+    verified: Mapped[bool] = mapped_column(Boolean, default=False)
+    price_per_epoch: Mapped[int | None] = mapped_column(BigInteger)  # attoFIL, as proposed
+    duration: Mapped[int] = mapped_column(BigInteger)                # epochs
+    start_epoch: Mapped[int | None] = mapped_column(BigInteger)
+    end_epoch: Mapped[int | None] = mapped_column(BigInteger)
+    sector_start_epoch: Mapped[int | None] = mapped_column(BigInteger)
+    chain_deal_id: Mapped[int | None] = mapped_column(BigInteger)
+    proposal_id: Mapped[str | None] = mapped_column(String(128))
+    token_hash: Mapped[str | None] = mapped_column(String(64))  # sha256 of the piece-fetch token
+    attempt: Mapped[int] = mapped_column(Integer, default=1)    # 1 + retries before it for this copy
+    retry_of: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    renewal_of: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    job_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    schedule: Mapped[str | None] = mapped_column(String(63))
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    proposed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    activated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class DealSchedule(Base):
+    """A standing order for deals, like Singularity's schedules: each cron run makes up
+    to `deals_per_run` deals of the selected objects, within its pending and total caps."""
+
+    __tablename__ = "deal_schedules"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    backend: Mapped[str] = mapped_column(String(63))
+    spec: Mapped[dict[str, Any]] = mapped_column()  # selection, copies, cron, caps (api.schemas)
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    next_run_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_run_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
