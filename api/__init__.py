@@ -21,7 +21,7 @@ MAX_BODY_BYTES = 32 * 2**20
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
-    from api import access, backends, health, jobs, metrics, objects, policies
+    from api import access, backends, deals, health, jobs, metrics, objects, policies
     from ferry.catalog.db import transaction
     from ferry.catalog.replicas import sync_backends
     from ferry.settings import get_settings
@@ -32,7 +32,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         app.config.update(test_config)
     app.json.sort_keys = False
 
-    for bp in (jobs.bp, objects.bp, backends.bp, policies.bp, policies.events_bp, health.bp, metrics.bp):
+    for bp in (jobs.bp, objects.bp, backends.bp, policies.bp, policies.events_bp, health.bp, metrics.bp, deals.bp,
+               deals.providers_bp, deals.pieces_bp):
         app.register_blueprint(bp)
     access.install(app)
 

@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 keys_bp = Blueprint("keys", __name__, url_prefix="/v1/keys")
 audit_bp = Blueprint("audit", __name__, url_prefix="/v1/audit")
 
-PUBLIC_ENDPOINTS = {"health.healthz", "health.readyz"}
+# The piece server checks its own per-deal tokens (api/deals.py).
+PUBLIC_ENDPOINTS = {"health.healthz", "health.readyz", "deals.piece"}
 MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
 
 

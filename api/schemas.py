@@ -85,14 +85,24 @@ class TargetSpec(Strict):
     prefix: str = Field("", description="prepended to each key less the source prefix")
 
 
+class DealTerms(Strict):
+    copies: int | None = Field(None, ge=1, le=16, description="deals per piece (default: the backend's `copies`)")
+    verified: bool | None = Field(None, description="verified (datacap) deals (default: the backend's `verified`)")
+    regions: list[str] | None = Field(None, max_length=32, description="only providers in these regions")
+    spread_regions: bool = Field(False, description="every copy of a piece in a distinct region")
+    max_price: int | None = Field(None, ge=0, le=MAX_INT64,
+                                  description="attoFIL per GiB per epoch, at most")
+
+
 class JobCreate(Strict):
-    kind: Literal["migrate", "replicate", "verify"]
+    kind: Literal["migrate", "replicate", "verify", "deal"]
     source: SourceSpec
     targets: list[TargetSpec] = Field([], max_length=32, description="migrate/replicate: where to; verify: none")
     keep_source: bool = Field(False, description="migrate only: keep the source after the copy is verified")
     tags: list[str] = Field([], max_length=100, description="migrate/replicate: tags added to every object copied")
     sample: float | None = Field(None, gt=0, le=100,
                                  description="verify only: check this percentage of the keys (chosen by hash)")
+    deal: DealTerms | None = Field(None, description="deal only: copies, verified, regions, price cap")
 
 
 class JobAccepted(BaseModel):
@@ -416,3 +426,130 @@ class BackendCheckOut(BaseModel):
     error: str | None
     capacity: CapacityOut | None
     seconds: float
+
+
+# -- Filecoin: deals, providers, quotes, schedules ------------------------------------------
+
+
+class DealOut(BaseModel):
+    id: uuid.UUID
+    state: str
+    backend: str
+    provider: str
+    client: str
+    piece_cid: str
+    padded_size: int
+    car_size: int
+    verified: bool
+    price_per_epoch: int | None = Field(description="attoFIL per epoch, as proposed (the chain's once published)")
+    duration: int = Field(description="epochs")
+    start_epoch: int | None
+    end_epoch: int | None
+    sector_start_epoch: int | None
+    chain_deal_id: int | None
+    proposal_id: str | None
+    attempt: int
+    retry_of: uuid.UUID | None
+    renewal_of: uuid.UUID | None
+    job_id: uuid.UUID | None
+    schedule: str | None
+    error: str | None
+    created_at: datetime
+    proposed_at: datetime | None
+    published_at: datetime | None
+    activated_at: datetime | None
+    ended_at: datetime | None
+    objects: list[str] = Field([], description="CIDs of the objects in the piece (GET /v1/deals/{id} only)")
+
+
+class DealList(BaseModel):
+    deals: list[DealOut]
+    next_before: datetime | None = Field(description="pass as `before` for the next page")
+
+
+class DealQuery(Strict):
+    state: Literal["planned", "proposed", "published", "active", "expiring", "expired", "rejected", "failed",
+                   "slashed"] | None = None
+    provider: str | None = Field(None, max_length=32)
+    piece: str | None = Field(None, max_length=128, description="piece CID")
+    cid: str | None = Field(None, max_length=128, description="an object's CID: the deals holding it")
+    job_id: uuid.UUID | None = None
+    before: Instant | None = Field(None, description="only deals created before this instant")
+    limit: int = Field(100, ge=1, le=1000)
+
+
+class DealRetryOut(BaseModel):
+    planned: list[uuid.UUID]
+
+
+class ProviderIn(Strict):
+    id: str = Field(pattern=r"^f0[0-9]{1,20}$", description="the provider's actor id, f0...")
+    region: str | None = Field(None, max_length=63)
+    price: int = Field(0, ge=0, le=MAX_INT64, description="attoFIL per GiB per epoch, unverified deals")
+    verified_price: int = Field(0, ge=0, le=MAX_INT64, description="attoFIL per GiB per epoch, verified deals")
+    min_piece_size: int = Field(256, ge=128, le=MAX_INT64)
+    max_piece_size: int = Field(2**36, ge=128, le=MAX_INT64)
+    verified: bool = Field(True, description="takes verified deals")
+    retrieval_url: str | None = Field(None, max_length=1024, description="trustless HTTP retrieval base URL")
+    access: Literal["auto", "allow", "deny"] = "auto"
+    notes: str | None = Field(None, max_length=2000)
+
+
+class ReputationOut(BaseModel):
+    proposed: int
+    rejected: int
+    activated: int
+    failed: int
+    slashed: int
+    median_activation_hours: float | None
+    score: float
+
+
+class ProviderOut(BaseModel):
+    id: str
+    region: str | None
+    price: int
+    verified_price: int
+    min_piece_size: int
+    max_piece_size: int
+    verified: bool
+    retrieval_url: str | None
+    access: str
+    notes: str | None
+    reputation: ReputationOut
+
+
+class ProviderList(BaseModel):
+    providers: list[ProviderOut]
+
+
+class QuoteRequest(Strict):
+    source: SourceSpec
+    backend: str = Field(description="the filecoin backend that would make the deals")
+    deal: DealTerms = DealTerms()
+    duration: int | None = Field(None, ge=2880, le=MAX_INT64 // 2**40, description="epochs (default: the backend's)")
+
+
+class ProviderQuote(BaseModel):
+    provider: str
+    region: str | None
+    price: int = Field(description="attoFIL per GiB per epoch")
+    cost: int = Field(description="attoFIL for every piece for the duration, with this provider")
+    reputation: float
+
+
+class QuoteOut(BaseModel):
+    objects: int
+    bytes: int
+    pieces: int = Field(description="pieces the objects would be packed into")
+    padded_bytes: int
+    copies: int
+    verified: bool
+    duration: int
+    providers: list[ProviderQuote] = Field(description="eligible providers, in the order Ferry would choose")
+    storage_cost: int = Field(description="attoFIL: every piece with the `copies` first providers")
+    gas_cost: int = Field(description="attoFIL: gas_per_deal x base fee x deals")
+    total_cost: int
+    total_fil: str
+    excluded: dict[str, str] = Field(description="providers that could not take the deals, and why")
+    too_big: int = Field(description="objects larger than a piece")

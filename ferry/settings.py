@@ -119,6 +119,8 @@ class Settings(BaseSettings):
     # How often beat runs a reconcile pass (re-send lost work, end finished jobs, enforce
     # policies, heal). Passes never overlap; a late one is skipped.
     reconcile_interval_seconds: float = Field(default=30.0, gt=0)
+    # How often beat has each filecoin backend's deals tracked (deal tool + chain).
+    deal_track_seconds: float = Field(default=60.0, gt=0)
     # A pass reads the catalog in ranges of this many object ids.
     reconcile_batch_objects: int = Field(default=100_000, ge=100)
     # Work items queued or running per backend, at most, unless its spec says otherwise.

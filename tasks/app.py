@@ -47,7 +47,7 @@ def make_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     settings.data_path.mkdir(parents=True, exist_ok=True)  # beat keeps its schedule here
     backends = settings.backends()
-    app = Celery("ferry", include=["tasks.jobs", "tasks.transfer", "tasks.reconcile"])
+    app = Celery("ferry", include=["tasks.jobs", "tasks.transfer", "tasks.reconcile", "tasks.deals"])
     app.conf.update(
         broker_url=settings.broker,
         broker_transport_options=broker_options(settings),
@@ -62,13 +62,17 @@ def make_app(settings: Settings | None = None) -> Celery:
         accept_content=["json"],
         task_default_queue=CONTROL_QUEUE,
         task_queues=[_queue(CONTROL_QUEUE)] + [_queue(queue_for(name)) for name in backends],
-        task_routes={"ferry.reconcile": {"queue": CONTROL_QUEUE}},
+        task_routes={"ferry.reconcile": {"queue": CONTROL_QUEUE}, "ferry.deals.track": {"queue": CONTROL_QUEUE}},
         worker_send_task_events=True,
         task_send_sent_event=True,
         beat_schedule={
             # A pass that could not start before the next is due is dropped, not piled up.
             "reconcile": {"task": "ferry.reconcile", "schedule": settings.reconcile_interval_seconds,
                           "options": {"expires": settings.reconcile_interval_seconds}},
+            # Deal tracking asks the deal tool and the chain; each filecoin backend's own
+            # queue does it (ferry.deals.track fans out).
+            "deals": {"task": "ferry.deals.track", "schedule": settings.deal_track_seconds,
+                      "options": {"expires": settings.deal_track_seconds}},
         },
         beat_schedule_filename=str(settings.data_path / "celerybeat-schedule"),
     )

@@ -76,6 +76,9 @@ class JobRequest:
         if self.kind == JobKind.verify:
             return [catalog.NewItem(key, self.source_backend, key, size, action=ItemAction.verify)
                     for key, size in keys if self.sampled(key)]
+        if self.kind == JobKind.deal:  # the CID is filled in from the catalog when packed
+            return [catalog.NewItem(key, t.backend, "", size, action=ItemAction.deal)
+                    for t in self.targets for key, size in keys]
         return [catalog.NewItem(key, t.backend, self.dest_key(t, key), size)
                 for t in self.targets for key, size in keys]
 
@@ -103,6 +106,9 @@ def validate(request: JobRequest) -> None:
             raise InvalidRequest("keep_source applies to migrate jobs only", field="keep_source")
     elif request.sample is not None:
         raise InvalidRequest("sample applies to verify jobs only", field="sample")
+    elif request.kind == JobKind.deal:
+        _validate_deal(request, backends)
+        return
     elif not request.targets:
         raise InvalidRequest("at least one target is required", field="targets")
     if request.kind == JobKind.migrate and len(request.targets) != 1:
@@ -141,6 +147,33 @@ def validate(request: JobRequest) -> None:
         if t.backend == request.source_backend and t.prefix == (request.prefix or ""):
             raise InvalidRequest("a target is the source itself: every object would be copied onto itself",
                                  field=f"targets[{i}]")
+
+
+def _validate_deal(request: JobRequest, backends: dict) -> None:
+    if len(request.targets) != 1:
+        raise InvalidRequest("a deal job has exactly one target: the filecoin backend", field="targets")
+    target = request.targets[0]
+    spec = backends.get(target.backend)
+    if spec is None:
+        raise UnknownBackend(f"unknown backend {target.backend!r}", field="targets[0].backend")
+    if spec.driver != "filecoin":
+        raise InvalidRequest(f"backend {target.backend!r} is a {spec.driver} backend: deals are made by a "
+                             "filecoin backend", field="targets[0].backend")
+    if target.prefix:
+        raise InvalidRequest("a deal job keys objects by CID: a target prefix means nothing there",
+                             field="targets[0].prefix")
+    if request.keep_source:
+        raise InvalidRequest("keep_source applies to migrate jobs only", field="keep_source")
+    if (request.keys is None) == (request.prefix is None):
+        raise InvalidRequest("give the source as either keys or a prefix", field="source")
+    for i, key in enumerate(request.keys or []):
+        try:
+            check_key(key)
+        except FerryError as exc:
+            exc.field = f"source.keys[{i}]"
+            raise
+    if request.prefix is not None:
+        check_prefix(request.prefix)
 
 
 def submit(request: JobRequest) -> Job:
@@ -186,8 +219,10 @@ def expand(self, job_id: str) -> dict:
         if spec is None:
             raise UnknownBackend(f"backend {request.source_backend!r} is no longer configured")
         # A verify job checks what the catalog says is there (so a vanished object is found
-        # missing); other jobs take what the source lists.
-        listing = (_catalogued(request.source_backend, request.prefix or "") if request.kind == JobKind.verify
+        # missing), a deal job packs what the catalog knows by CID; others take what the
+        # source lists.
+        listing = (_catalogued(request.source_backend, request.prefix or "")
+                   if request.kind in (JobKind.verify, JobKind.deal)
                    else registry.get(spec).list(request.prefix or ""))
         seq = 0
         page = []

@@ -92,6 +92,10 @@ def transfer_items(self, job_id: str, spans: list[list[int]]) -> dict[str, int]:
     plan = _claim(uuid.UUID(job_id), [(lo, hi) for lo, hi in spans], settings.lease_seconds)
     if plan is None:
         return {"claimed": 0}
+    if plan.kind == JobKind.deal:
+        from tasks import deals
+
+        return deals.run_batch(plan)
     run = _BatchRun(plan, settings.max_attempts, settings.item_threads)
     with _Heartbeat(plan.job_id, run, settings.lease_seconds):
         run.run()
@@ -204,6 +208,10 @@ class _BatchRun:
                 if spec is None:
                     raise UnknownBackend(f"backend {name!r} is not configured on this worker")
                 backend = self.backends[name] = registry.get(spec)
+                if spec.driver == "filecoin":
+                    from tasks.deals import attach_locator
+
+                    attach_locator(backend)
             return backend
 
     def _process(self, item: Item) -> None:

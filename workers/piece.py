@@ -19,6 +19,7 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 from ferry.errors import ChecksumMismatch, InvalidRequest
 from workers.car import cid_bytes, header, section
@@ -157,7 +158,7 @@ class PieceWriter:
             self._file.close()
         self._tmp.unlink(missing_ok=True)
 
-    def __enter__(self) -> PieceWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type, *_: object) -> None:

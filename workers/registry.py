@@ -21,6 +21,9 @@ DRIVERS: dict[str, tuple[str, str | None]] = {
     "s3": ("workers.s3:S3Backend", "pip install 'ferry[s3]'"),
     "gateway": ("workers.gateway:GatewayBackend", None),
     "ipfs": ("workers.ipfs:IpfsBackend", None),
+    "huggingface": ("workers.huggingface:HuggingFaceBackend", "pip install 'ferry[huggingface]'"),
+    "filecoin": ("workers.filecoin:FilecoinBackend", None),
+    "storacha": ("workers.storacha:StorachaBackend", None),
 }
 
 

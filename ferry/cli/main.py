@@ -431,3 +431,4 @@ def beat() -> None:
 # registers them on `cli`.
 from ferry.cli import admin as _admin_commands  # noqa: E402, F401
 from ferry.cli import policy as _policy_commands  # noqa: E402, F401
+from ferry.cli import deal as _deal_commands  # noqa: E402, F401
