@@ -135,3 +135,10 @@ class ChecksumMismatch(BackendError):
     """Raised when bytes read back from a backend do not hash to what was written."""
 
     code = "checksum_mismatch"
+
+
+class ServiceDiscontinued(ReadOnlyBackend):
+    """Raised when a backend's service has shut down an operation for good (Storacha's uploads)."""
+
+    code = "service_discontinued"
+    status = 410
