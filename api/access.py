@@ -32,7 +32,7 @@ keys_bp = Blueprint("keys", __name__, url_prefix="/v1/keys")
 audit_bp = Blueprint("audit", __name__, url_prefix="/v1/audit")
 
 # The piece server checks its own per-deal tokens (api/deals.py).
-PUBLIC_ENDPOINTS = {"health.healthz", "health.readyz", "deals.piece"}
+PUBLIC_ENDPOINTS = {"health.healthz", "health.readyz", "pieces.piece"}
 MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
 
 

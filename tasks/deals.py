@@ -154,7 +154,14 @@ def run_batch(plan: Plan) -> dict[str, int]:
                                         "(piece_size of the filecoin backend)")
     proposals: list[uuid.UUID] = []
     for group in groups:
-        _prepare(plan, name, config, terms, group, finish, proposals)
+        try:
+            _prepare(plan, name, config, terms, group, finish, proposals)
+        except Exception as exc:  # a bug or an unmapped error: fail the group's items, keep the batch going
+            log.exception("job %s: preparing a piece failed unexpectedly", plan.job_id)
+            done = {o["seq"] for o in outcomes}
+            for e in group:
+                if e.ref.seq not in done:
+                    finish(e.ref, ItemState.failed, f"internal error: {type(exc).__name__}: {exc}")
     _commit(plan, outcomes)
     if proposals:
         send_propose(name, proposals)
@@ -376,7 +383,8 @@ def _reserved_datacap(session, deal: Deal) -> int:
     from sqlalchemy import func
 
     d, p = Deal.__table__.c, Piece.__table__.c
-    q = (select(func.coalesce(func.sum(p.padded_size), 0)).join(p, p.id == d.piece_id)
+    q = (select(func.coalesce(func.sum(p.padded_size), 0)).select_from(Deal.__table__)
+         .join(Piece.__table__, p.id == d.piece_id)
          .where(d.client == deal.client, d.verified.is_(True), d.id != deal.id,
                 d.state == DealState.proposed.value))
     return int(session.execute(q).scalar_one())
@@ -565,7 +573,7 @@ def quote(source_backend: str, keys: list[str] | None, prefix: str | None, backe
     with transaction() as session:
         q = (select(StoredObject.cid, StoredObject.size).join(Replica, Replica.object_id == StoredObject.id)
              .where(Replica.backend == source_backend, Replica.state == ReplicaState.present)
-             .order_by(Replica.key).distinct())
+             .order_by(Replica.key))
         q = q.where(Replica.key.in_(keys)) if keys is not None else q.where(under_prefix(Replica.key, prefix or ""))
         entries = [Entry(cid, size) for cid, size in session.execute(q)]
         groups, too_big = plan_pieces(entries, config.piece_size)

@@ -241,7 +241,7 @@ def deal_copies_by_object(session: Session, object_ids: Sequence[int], backend: 
     if not object_ids:
         return {}
     d, po = Deal.__table__.c, PieceObject.__table__.c
-    q = (select(po.object_id, func.count(d.id)).join(d, d.piece_id == po.piece_id)
+    q = (select(po.object_id, func.count(d.id)).join(Deal.__table__, d.piece_id == po.piece_id)
          .where(po.object_id.in_(object_ids), d.backend == backend, d.state.in_([s.value for s in states]))
          .group_by(po.object_id))
     return dict(session.execute(q).all())
@@ -254,7 +254,7 @@ def sync_replicas(session: Session, backend: str, piece_ids: Iterable[int]) -> N
     if not piece_ids:
         return
     po, o = PieceObject.__table__.c, StoredObject.__table__.c
-    objects = session.execute(select(o.id, o.cid, o.sha256, o.size).join(po, po.object_id == o.id)
+    objects = session.execute(select(o.id, o.cid, o.sha256, o.size).join(PieceObject.__table__, po.object_id == o.id)
                               .where(po.piece_id.in_(piece_ids)).distinct()).all()
     live = deal_copies_by_object(session, [r.id for r in objects], backend, LIVE_DEAL_STATES)
     facts = []
@@ -276,8 +276,8 @@ def retrieval_urls(session: Session, backend: str, cid: str) -> list[str]:
     reputation first."""
     d, po, o, p = Deal.__table__.c, PieceObject.__table__.c, StoredObject.__table__.c, Provider.__table__.c
     rows = session.execute(
-        select(p.id, p.retrieval_url).join(d, d.provider == p.id).join(po, po.piece_id == d.piece_id)
-        .join(o, o.id == po.object_id)
+        select(p.id, p.retrieval_url).join(Deal.__table__, d.provider == p.id)
+        .join(PieceObject.__table__, po.piece_id == d.piece_id).join(StoredObject.__table__, o.id == po.object_id)
         .where(o.cid == cid, d.backend == backend, d.state.in_([s.value for s in LIVE_DEAL_STATES]),
                p.retrieval_url.is_not(None)).distinct()).all()
     reps = reputations(session, [r.id for r in rows])

@@ -1,0 +1,274 @@
+"""Filecoin deals end to end: Ferry's API, worker and beat against the local simulation
+of Singularity + Lotus + storage providers (tests/fixtures/filecoin_sim.py).
+
+The simulated providers really fetch each piece from Ferry's piece server with the
+per-deal token and check its CommP; the simulated chain publishes, activates, slashes
+and expires deals; Ferry believes only the chain for `active`, and reads objects back
+through the providers' trustless retrieval.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.fixtures.cluster import Cluster, auth, free_port, wait_job
+from ferry.cli import launch
+from ferry.settings import get_settings
+
+pytestmark = pytest.mark.e2e
+KiB, MiB = 1024, 2**20
+CLIENT = "f01234"
+
+
+@pytest.fixture(scope="module")
+def deal_env(test_env, filecoin_sim, s3_backend) -> dict:
+    """A backends file with the session's backends and a `filecoin` backend on the sim."""
+    tmp: Path = test_env["tmp"] / "deals"
+    tmp.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    backends = yaml.safe_load(Path(os.environ["FERRY_BACKENDS_FILE"]).read_text())["backends"]
+    backends.append({
+        "name": "filecoin", "driver": "filecoin", "labels": {"kind": "filecoin"},
+        "settings": {"lotus_url": filecoin_sim.lotus_url, "singularity_url": filecoin_sim.singularity_url,
+                     "client": CLIENT, "piece_dir": str(tmp / "pieces"), "piece_url": f"http://127.0.0.1:{port}",
+                     "piece_size": 1 * MiB, "copies": 2, "verified": True, "duration": 3000,
+                     "start_delay": 300, "renew_before": 500, "max_attempts": 3, "timeout": 10}})
+    path = tmp / "backends.yaml"
+    path.write_text(yaml.safe_dump({"backends": backends}))
+    return {"port": port, "backends": str(path), "pieces": tmp / "pieces"}
+
+
+@pytest.fixture(scope="module")
+def cluster(test_env, deal_env):
+    env = {"FERRY_BACKENDS_FILE": deal_env["backends"], "FERRY_DEAL_TRACK_SECONDS": "0.5",
+           "FERRY_RECONCILE_INTERVAL_SECONDS": "3600"}
+    c = Cluster(test_env["tmp"] / "logs" / f"deals-{time.monotonic_ns()}", env=env)
+    try:
+        c.start("api", launch.api_command(f"127.0.0.1:{deal_env['port']}", workers=2, threads=4))
+        c.api_url = f"http://127.0.0.1:{deal_env['port']}"
+        launch.wait_ready(c.api_url, timeout=60)
+        os.environ["FERRY_BACKENDS_FILE"], saved = deal_env["backends"], os.environ["FERRY_BACKENDS_FILE"]
+        get_settings.cache_clear()
+        try:
+            c.start_worker()
+        finally:
+            os.environ["FERRY_BACKENDS_FILE"] = saved
+            get_settings.cache_clear()
+        c.start_beat()
+        yield c
+    except BaseException:
+        c.print_logs()
+        raise
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def api(cluster):
+    with httpx.Client(base_url=cluster.api_url, timeout=60, headers=auth()) as client:
+        yield client
+
+
+@pytest.fixture
+def market(filecoin_sim, api):
+    """The sim reset: one verified client; providers registered both in the sim (how
+    they behave) and in Ferry (their terms, as ops would enter them)."""
+    sim = filecoin_sim
+    sim.reset()
+    sim.clients([{"id": CLIENT, "address": "f1ferrytestclientaaaaaaaaaaaaaaaaaaaaaaaa", "datacap": 64 * MiB,
+                  "balance": str(10 * 10**18), "escrow": "0", "locked": "0"}])
+
+    def providers(*specs: dict) -> None:
+        sim.providers([{k: v for k, v in s.items() if k not in ("region", "ferry_price")} for s in specs])
+        for s in specs:
+            r = api.put("/v1/providers", json={
+                "id": s["id"], "region": s.get("region"), "price": s.get("ferry_price", 0),
+                "verified_price": s.get("ferry_price", 0), "retrieval_url": sim.retrieval_url(s["id"]),
+                "access": s.get("access", "auto")})
+            assert r.status_code == 200, r.text
+        # Providers of earlier tests are denied, so only these are chosen now.
+        for p in api.get("/v1/providers").json()["providers"]:
+            if p["id"] not in {s["id"] for s in specs}:
+                api.put("/v1/providers", json={"id": p["id"], "access": "deny"})
+
+    sim.set_providers = providers
+    return sim
+
+
+def put_objects(api, disks: Path, prefix: str, sizes: list[int]) -> dict[str, bytes]:
+    """Files on the `local` disk, catalogued (and verified) by a replicate job to `mirror`."""
+    rng = random.Random(prefix)
+    blobs = {}
+    for i, n in enumerate(sizes):
+        data = rng.randbytes(n)
+        path = disks / "local" / prefix / f"f{i}.bin"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        blobs[f"{prefix}/f{i}.bin"] = data
+    r = api.post("/v1/jobs", json={"kind": "replicate", "source": {"backend": "local", "prefix": f"{prefix}/"},
+                                   "targets": [{"backend": "mirror", "prefix": f"{prefix}/"}]})
+    assert r.status_code == 202, r.text
+    assert wait_job(api, r.json()["id"], timeout=120)["state"] == "succeeded"
+    return blobs
+
+
+def wait_deals(api, job_id: str, want: dict[str, int], timeout: float = 60) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        deals = api.get("/v1/deals", params={"job_id": job_id}).json()["deals"]
+        states: dict[str, int] = {}
+        for d in deals:
+            states[d["state"]] = states.get(d["state"], 0) + 1
+        if all(states.get(s, 0) >= n for s, n in want.items()):
+            return deals
+        if time.monotonic() > deadline:
+            raise AssertionError(f"deals of job {job_id} did not reach {want}: {states}: "
+                                 f"{[(d['provider'], d['state'], d['error']) for d in deals]}")
+        time.sleep(0.3)
+
+
+def test_deals_are_made_tracked_on_chain_and_read_back(api, market, disks, deal_env):
+    market.set_providers(
+        {"id": "f01002", "behaviour": "reject", "ferry_price": 10, "region": "eu"},     # cheapest: chosen, refuses
+        {"id": "f01001", "behaviour": "accept", "ferry_price": 20, "region": "us"},
+        {"id": "f01000", "behaviour": "accept", "ferry_price": 30, "region": "eu", "fetch_ranges": True},
+    )
+    blobs = put_objects(api, disks, "dealset", [100 * KiB, 300 * KiB, 5, 400 * KiB, 262144])
+
+    # A quote first: nothing is proposed by it.
+    q = api.post("/v1/deals/quote", json={"source": {"backend": "local", "prefix": "dealset/"},
+                                          "backend": "filecoin", "deal": {"copies": 2}})
+    assert q.status_code == 200, q.text
+    quote = q.json()
+    assert quote["objects"] == 5 and quote["pieces"] == 2 and quote["copies"] == 2
+    assert [p["provider"] for p in quote["providers"]][:2] == ["f01002", "f01001"]  # same reputation: by price
+    assert quote["providers"][0]["cost"] == -(-10 * quote["padded_bytes"] * quote["duration"] // 2**30)
+    assert quote["total_cost"] == quote["storage_cost"] + quote["gas_cost"] and quote["gas_cost"] > 0
+    assert market.deals() == []
+
+    r = api.post("/v1/jobs", json={"kind": "deal", "source": {"backend": "local", "prefix": "dealset/"},
+                                   "targets": [{"backend": "filecoin"}], "deal": {"copies": 2}})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    assert wait_job(api, job_id, timeout=120)["state"] == "succeeded"
+    # Each piece: f01002 refuses (synchronously), the retry goes to f01000; f01001 takes it.
+    deals = wait_deals(api, job_id, {"active": 4, "rejected": 2})
+    by_piece: dict[str, list[dict]] = {}
+    for d in deals:
+        by_piece.setdefault(d["piece_cid"], []).append(d)
+    assert len(by_piece) == 2
+    for piece, ds in by_piece.items():
+        active = sorted(d["provider"] for d in ds if d["state"] == "active")
+        assert active == ["f01000", "f01001"], ds
+        rejected = [d for d in ds if d["state"] == "rejected"]
+        assert [d["provider"] for d in rejected] == ["f01002"] and "rejected" in rejected[0]["error"]
+        retry = [d for d in ds if d["retry_of"] == rejected[0]["id"]]
+        assert len(retry) == 1 and retry[0]["provider"] == "f01000" and retry[0]["attempt"] == 2
+        for d in ds:
+            if d["state"] == "active":
+                assert d["chain_deal_id"] and d["sector_start_epoch"] > 0 and d["verified"]
+                assert market.deal(d["proposal_id"])["pieceCid"] == piece
+    # The providers fetched each piece with its deal's token (one in two ranges).
+    fetches = market.fetches()
+    assert fetches and all(f["authorization"] for f in fetches), fetches
+    assert all(f["status"] in (200, 206) for f in fetches), fetches
+
+    # Every object is a replica on Filecoin now: present, keyed by its CID.
+    from workers.cid import digest_bytes
+    for key, data in blobs.items():
+        cid = digest_bytes(data).cid
+        obj = api.get(f"/v1/objects/{cid}").json()
+        fil = [rep for rep in obj["replicas"] if rep["backend"] == "filecoin"]
+        assert fil and fil[0]["state"] == "present" and fil[0]["key"] == cid, obj
+        listed = api.get("/v1/deals", params={"cid": cid}).json()["deals"]
+        assert sum(d["state"] == "active" for d in listed) == 2
+
+    # Read back out of Filecoin through the providers' trustless retrieval, verified.
+    cids = [digest_bytes(d).cid for d in blobs.values()]
+    r = api.post("/v1/jobs", json={"kind": "replicate", "source": {"backend": "filecoin", "keys": cids},
+                                   "targets": [{"backend": "archive", "prefix": "from-filecoin/"}]})
+    assert r.status_code == 202, r.text
+    assert wait_job(api, r.json()["id"], timeout=120)["state"] == "succeeded"
+    for data in blobs.values():
+        cid = digest_bytes(data).cid
+        assert (disks / "archive" / "from-filecoin" / cid).read_bytes() == data
+
+    # The piece server: no token, another's token, an unknown piece.
+    piece = next(iter(by_piece))
+    assert api.get(f"/v1/pieces/{piece}", headers={"Authorization": ""}).status_code == 401
+    assert httpx.get(f"{api.base_url}/v1/pieces/{piece}",
+                     headers={"Authorization": "Bearer fyd_not-a-real-token"}).status_code == 401
+    # Active deals no longer open their piece to fetches.
+    assert httpx.get(f"{api.base_url}/v1/pieces/{piece}").status_code == 401
+
+    # Ferry's own record makes the reputation: f01002 refused both proposals.
+    provs = {p["id"]: p for p in api.get("/v1/providers").json()["providers"]}
+    assert provs["f01002"]["reputation"]["rejected"] == 2
+    assert provs["f01002"]["reputation"]["score"] < provs["f01000"]["reputation"]["score"]
+
+
+def test_slashed_deals_are_replaced_and_deals_are_renewed_before_they_end(api, market, disks):
+    market.set_providers(
+        {"id": "f02000", "behaviour": "slash", "slash_after_epochs": 3, "ferry_price": 1},
+        {"id": "f02001", "behaviour": "accept", "ferry_price": 2},
+    )
+    put_objects(api, disks, "slashset", [200 * KiB])
+    r = api.post("/v1/jobs", json={"kind": "deal", "source": {"backend": "local", "prefix": "slashset/"},
+                                   "targets": [{"backend": "filecoin"}], "deal": {"copies": 1}})
+    job_id = r.json()["id"]
+    assert wait_job(api, job_id, timeout=120)["state"] == "succeeded"
+    deals = wait_deals(api, job_id, {"slashed": 1, "active": 1})
+    slashed = next(d for d in deals if d["state"] == "slashed")
+    replacement = next(d for d in deals if d["state"] == "active")
+    assert slashed["provider"] == "f02000" and "slashed" in slashed["error"]
+    assert replacement["provider"] == "f02001" and replacement["retry_of"] == slashed["id"]
+
+    # Near the end: the active deal becomes expiring and gets one renewal, which activates.
+    head = market.head()
+    market.advance(replacement["end_epoch"] - 400 - head)
+    deals = wait_deals(api, job_id, {"expiring": 1, "active": 1})
+    renewal = next(d for d in deals if d["renewal_of"] == replacement["id"])
+    assert renewal["state"] == "active"
+    market.advance(600)
+    deals = wait_deals(api, job_id, {"expired": 1})
+    assert next(d for d in deals if d["id"] == replacement["id"])["state"] == "expired"
+
+
+def test_verified_deals_check_datacap_first(api, market, disks):
+    market.set_providers({"id": "f03000", "behaviour": "accept", "ferry_price": 1})
+    market.clients([{"id": CLIENT, "address": "f1ferrytestclientaaaaaaaaaaaaaaaaaaaaaaaa", "datacap": 1000,
+                     "balance": "0", "escrow": "0", "locked": "0"}])
+    put_objects(api, disks, "capset", [50 * KiB])
+    r = api.post("/v1/jobs", json={"kind": "deal", "source": {"backend": "local", "prefix": "capset/"},
+                                   "targets": [{"backend": "filecoin"}], "deal": {"copies": 1, "verified": True}})
+    job_id = r.json()["id"]
+    assert wait_job(api, job_id, timeout=120)["state"] == "succeeded"
+    deals = wait_deals(api, job_id, {"failed": 1})
+    assert "datacap" in deals[0]["error"] and "1000 bytes" in deals[0]["error"]
+    assert market.deals() == []  # nothing was proposed
+
+
+def test_deal_jobs_refuse_what_cannot_be_dealt(api):
+    bad = [
+        ({"kind": "deal", "source": {"backend": "local", "prefix": ""}, "targets": [{"backend": "archive"}]},
+         "targets[0].backend"),
+        ({"kind": "deal", "source": {"backend": "local", "prefix": ""},
+          "targets": [{"backend": "filecoin", "prefix": "x/"}]}, "targets[0].prefix"),
+        ({"kind": "replicate", "source": {"backend": "local", "prefix": ""}, "targets": [{"backend": "filecoin"}]},
+         "targets[0].backend"),
+        ({"kind": "replicate", "source": {"backend": "local", "prefix": ""}, "targets": [{"backend": "archive"}],
+          "deal": {"copies": 2}}, "deal"),
+    ]
+    for body, field in bad:
+        r = api.post("/v1/jobs", json=body)
+        assert r.status_code == 422, (body, r.text)
+        assert r.json()["error"]["field"] == field
+    assert api.put("/v1/providers", json={"id": "nope"}).status_code == 422
+    assert api.get("/v1/deals/not-a-uuid").status_code == 404
