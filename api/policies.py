@@ -64,6 +64,8 @@ def _authorize(policy: Policy) -> None:
             written.update(expr.select(labels))
     if policy.retention is not None:
         written.update(get_settings().backends())
+    if policy.filecoin is not None:
+        written.add(policy.filecoin.backend)
     read = [policy.selector.backend] if policy.selector.backend else []
     note(policy=policy.name, backends=sorted(written | set(read)))
     require_backends(current(), "read", read)
@@ -103,6 +105,12 @@ def _check_backends(policy: Policy) -> None:
     if policy.selector.backend is not None and policy.selector.backend not in backends:
         raise InvalidPolicy(f"unknown backend {policy.selector.backend!r}; configured: {', '.join(sorted(backends))}",
                             field="selector.backend")
+    if policy.filecoin is not None:
+        spec = backends.get(policy.filecoin.backend)
+        if spec is None or spec.driver != "filecoin":
+            found = [n for n, s in sorted(backends.items()) if s.driver == "filecoin"]
+            raise InvalidPolicy(f"{policy.filecoin.backend!r} is not a filecoin backend (filecoin backends: "
+                                f"{', '.join(found) or 'none'})", field="filecoin.backend")
 
 
 @operation(bp, "", "GET", summary="List policies", responses={200: PolicyList})

@@ -41,9 +41,13 @@ from sqlalchemy.orm import Session
 
 from ferry.catalog.models import (
     BROKEN_REPLICA_STATES,
+    LIVE_DEAL_STATES,
+    OPEN_DEAL_STATES,
+    Deal,
     ItemAction,
     ItemState,
     JobItem,
+    PieceObject,
     Replica,
     ReplicaState,
     StoredObject,
@@ -205,6 +209,35 @@ class PolicyQueries:
                    ~exists(select(1).select_from(other).where(
                        other.c.backend == pick.c.backend, other.c.key == dest_key,
                        other.c.object_id != pick.c.id, other.c.state.not_in(GONE_OR_GOING))))
+        )
+
+    def deals(self, lo: int, hi: int) -> Select | None:
+        """Deal work (packed into pieces by the filecoin backend's worker) for matched objects
+        held in fewer than `filecoin.copies` deals that are live or still in flight, read
+        from their most recently verified replica elsewhere."""
+        f = self.policy.filecoin
+        if f is None:
+            return None
+        m = self.matched(lo, hi, *self._not_expired())
+        d, po = Deal.__table__.c, PieceObject.__table__.c
+        states = [s.value for s in OPEN_DEAL_STATES | LIVE_DEAL_STATES]
+        dealt = (select(po.object_id, func.count(d.id).label("n"))
+                 .select_from(PieceObject.__table__.join(Deal.__table__, d.piece_id == po.piece_id))
+                 .where(po.object_id >= lo, po.object_id < hi, d.backend == f.backend, d.state.in_(states))
+                 .group_by(po.object_id).cte("dealt"))
+        src = (select(REP.object_id, REP.backend, REP.key,
+                      func.row_number().over(partition_by=REP.object_id,
+                                             order_by=(REP.verified_at.desc(), REP.backend)).label("pref"))
+               .where(REP.state == PRESENT, REP.backend != f.backend, REP.object_id.in_(select(m.c.id)))
+               .cte("dsrc"))
+        return (
+            select(literal(ItemAction.deal.value).label("action"), m.c.id.label("object_id"), m.c.size,
+                   literal(f.backend).label("dest_backend"), literal("").label("dest_key"),
+                   src.c.backend.label("source_backend"), src.c.key.label("source_key"),
+                   literal("filecoin").label("reason"))
+            .select_from(m.join(src, and_(src.c.object_id == m.c.id, src.c.pref == 1))
+                         .outerjoin(dealt, dealt.c.object_id == m.c.id))
+            .where(func.coalesce(dealt.c.n, 0) < f.copies, ~_blocked(m.c.id, literal(f.backend)))
         )
 
     def verifications(self, lo: int, hi: int) -> Select | None:

@@ -424,6 +424,21 @@ class Schedule(_Model):
              "properties": {"every": _DURATION_SCHEMA, **window}}]}
 
 
+class FilecoinCopies(_Model):
+    """Filecoin storage deals every selected object is kept in. Only active deals (sealed,
+    unslashed, on chain) count as copies; deals in flight hold new ones back."""
+
+    copies: int = Field(ge=1, le=16)
+    backend: str = Field("filecoin", pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
+    """The filecoin backend that makes the deals."""
+    verified: bool | None = None
+    """Verified (datacap) deals; default: the backend's setting."""
+    regions: list[str] | None = None
+    spread_regions: bool = False
+    max_price: int | None = Field(None, ge=0)
+    """attoFIL per GiB per epoch, at most."""
+
+
 class Policy(_Model):
     """A Ferry policy: which objects, where their replicas live, and how that changes over time."""
 
@@ -434,6 +449,7 @@ class Policy(_Model):
     transitions: list[Transition] = []
     retention: Retention | None = None
     verification: Verification | None = None
+    filecoin: FilecoinCopies | None = None
     schedule: Schedule = Field(default_factory=Schedule)
 
     @model_validator(mode="after")
@@ -441,9 +457,10 @@ class Policy(_Model):
         # Raised directly, not as ValueError, so each fault keeps its own path.
         if self.transitions and self.placement is None:
             raise InvalidPolicy("transitions change a placement: give a placement too", field="placement")
-        if self.placement is None and self.retention is None and self.verification is None:
-            raise InvalidPolicy("the policy does nothing: give a placement, a retention or a verification",
-                                field="placement")
+        if self.placement is None and self.retention is None and self.verification is None \
+                and self.filecoin is None:
+            raise InvalidPolicy("the policy does nothing: give a placement, a retention, a verification or "
+                                "filecoin copies", field="placement")
         for i, (before, later) in enumerate(pairwise(self.transitions), start=1):
             if later.after <= before.after:
                 raise InvalidPolicy(f"after ({format_duration(later.after)}) must be later than the previous "

@@ -37,8 +37,10 @@ from ferry.catalog.models import (
     DealState,
     ItemState,
     Job,
+    JobKind,
     Piece,
     PieceObject,
+    Policy,
     Provider,
     utcnow,
 )
@@ -98,7 +100,7 @@ class Terms:
 
     copies: int
     verified: bool
-    regions: list[str] | None
+    regions: tuple[str, ...] | None
     spread_regions: bool
     max_price: int | None
 
@@ -107,7 +109,7 @@ class Terms:
         deal = spec.get("deal", {})
         return cls(copies=deal.get("copies") or config.copies,
                    verified=config.verified if deal.get("verified") is None else deal["verified"],
-                   regions=deal.get("regions") or None, spread_regions=bool(deal.get("spread_regions")),
+                   regions=tuple(deal["regions"]) if deal.get("regions") else None, spread_regions=bool(deal.get("spread_regions")),
                    max_price=deal.get("max_price"))
 
 
@@ -122,10 +124,12 @@ def run_batch(plan: Plan) -> dict[str, int]:
     outcomes: list[dict] = []
 
     def finish(item: Item, state: ItemState, error: str | None = None, size: int | None = None) -> None:
+        if state == ItemState.failed and plan.kind == JobKind.reconcile:
+            state = ItemState.stuck  # not planned again until `ferry policy retry`
         cid = plan.known[(item.source_backend, item.source_key)].cid \
             if (item.source_backend, item.source_key) in plan.known else None
         outcomes.append({"seq": item.seq, "state": state, "error": error, "size": size, "dest_key": cid})
-        tally[state.value if state.value in tally else "failed"] += 1
+        tally["failed" if state in (ItemState.failed, ItemState.stuck) else state.value] += 1
 
     items = list(plan.items)
     name = items[0].dest_backend
@@ -138,30 +142,40 @@ def run_batch(plan: Plan) -> dict[str, int]:
         return tally
     config = backend.config
     with transaction() as session:
-        terms = Terms.of(session.get(Job, plan.job_id).spec, config)
-    entries: list[Entry] = []
+        spec = session.get(Job, plan.job_id).spec
+        documents = {row.name: row.document for row in session.scalars(
+            select(Policy).where(Policy.name.in_({i.policy for i in items if i.policy})))}
+    by_terms: dict[Terms, list[Entry]] = {}
     for item in items:
         digest = plan.known.get((item.source_backend, item.source_key))
         if digest is None or (item.source_backend, item.source_key) not in plan.verified:
             finish(item, ItemState.failed, f"{item.source_backend}:{item.source_key}: no verified replica there "
                                            "to make a deal of")
             continue
-        entries.append(Entry(digest.cid, digest.size, ref=item))
-    entries = _not_yet_dealt(entries, name, terms.copies, finish)
-    groups, too_big = plan_pieces(entries, config.piece_size)
-    for e in too_big:
-        finish(e.ref, ItemState.failed, f"{e.size} bytes do not fit a piece of {config.piece_size} bytes "
-                                        "(piece_size of the filecoin backend)")
+        if item.policy is not None:
+            if item.policy not in documents:
+                finish(item, ItemState.failed, f"policy {item.policy!r} no longer exists")
+                continue
+            terms = Terms.of({"deal": documents[item.policy].get("filecoin", {})}, config)
+        else:
+            terms = Terms.of(spec, config)
+        by_terms.setdefault(terms, []).append(Entry(digest.cid, digest.size, ref=item))
     proposals: list[uuid.UUID] = []
-    for group in groups:
-        try:
-            _prepare(plan, name, config, terms, group, finish, proposals)
-        except Exception as exc:  # a bug or an unmapped error: fail the group's items, keep the batch going
-            log.exception("job %s: preparing a piece failed unexpectedly", plan.job_id)
-            done = {o["seq"] for o in outcomes}
-            for e in group:
-                if e.ref.seq not in done:
-                    finish(e.ref, ItemState.failed, f"internal error: {type(exc).__name__}: {exc}")
+    for terms, entries in by_terms.items():
+        entries = _not_yet_dealt(entries, name, terms.copies, finish)
+        groups, too_big = plan_pieces(entries, config.piece_size)
+        for e in too_big:
+            finish(e.ref, ItemState.failed, f"{e.size} bytes do not fit a piece of {config.piece_size} bytes "
+                                            "(piece_size of the filecoin backend)")
+        for group in groups:
+            try:
+                _prepare(plan, name, config, terms, group, finish, proposals)
+            except Exception as exc:  # a bug or an unmapped error: fail the group's items, keep the batch going
+                log.exception("job %s: preparing a piece failed unexpectedly", plan.job_id)
+                done = {o["seq"] for o in outcomes}
+                for e in group:
+                    if e.ref.seq not in done:
+                        finish(e.ref, ItemState.failed, f"internal error: {type(exc).__name__}: {exc}")
     _commit(plan, outcomes)
     if proposals:
         send_propose(name, proposals)

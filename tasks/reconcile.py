@@ -91,6 +91,7 @@ def run_pass(now: datetime | None = None) -> dict[str, Any]:
                     keep = planner.protected(session, others, deletes)
                     work.take([d for d in deletes if (d.object_id, d.dest_backend) not in keep])
                     work.take(planner.rows(session, q.verifications(start, end), limit=work.room(), policy=name))
+                    work.take(planner.rows(session, q.deals(start, end), limit=work.room(), policy=name))
             for q in waiting:  # outside a cron/interval window, objects below `min` are still brought up to it
                 if q.policy.name in work.failed:
                     continue

@@ -118,7 +118,7 @@ class Criteria:
 
     padded_size: int
     verified: bool
-    regions: list[str] | None = None
+    regions: Sequence[str] | None = None
     max_price: int | None = None        # attoFIL per GiB per epoch
     spread_regions: bool = False
     exclude: set[str] = field(default_factory=set)

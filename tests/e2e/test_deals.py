@@ -18,9 +18,9 @@ import httpx
 import pytest
 import yaml
 
-from tests.fixtures.cluster import Cluster, auth, free_port, wait_job
 from ferry.cli import launch
 from ferry.settings import get_settings
+from tests.fixtures.cluster import Cluster, auth, free_port, wait_job
 
 pytestmark = pytest.mark.e2e
 KiB, MiB = 1024, 2**20
@@ -182,7 +182,7 @@ def test_deals_are_made_tracked_on_chain_and_read_back(api, market, disks, deal_
 
     # Every object is a replica on Filecoin now: present, keyed by its CID.
     from workers.cid import digest_bytes
-    for key, data in blobs.items():
+    for data in blobs.values():
         cid = digest_bytes(data).cid
         obj = api.get(f"/v1/objects/{cid}").json()
         fil = [rep for rep in obj["replicas"] if rep["backend"] == "filecoin"]
@@ -272,3 +272,56 @@ def test_deal_jobs_refuse_what_cannot_be_dealt(api):
         assert r.json()["error"]["field"] == field
     assert api.put("/v1/providers", json={"id": "nope"}).status_code == 422
     assert api.get("/v1/deals/not-a-uuid").status_code == 404
+
+
+def test_a_policy_keeps_filecoin_copies_and_heals_from_filecoin(api, market, disks):
+    """`filecoin: {copies: 1}` makes the deals by itself; once the object's only verified
+    copy is in an active deal, a lost local replica is healed from the provider."""
+    market.set_providers({"id": "f04000", "behaviour": "accept", "ferry_price": 1},
+                         {"id": "f04001", "behaviour": "accept", "ferry_price": 2})
+    rng = random.Random(4)
+    data = rng.randbytes(300 * KiB)
+    path = disks / "local" / "healset" / "only.bin"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    from workers.cid import digest_bytes
+    cid = digest_bytes(data).cid
+    # Catalogued, with a second copy on the archive disk.
+    r = api.post("/v1/jobs", json={"kind": "replicate", "source": {"backend": "local", "keys": ["healset/only.bin"]},
+                                   "targets": [{"backend": "archive", "prefix": ""}]})
+    assert wait_job(api, r.json()["id"])["state"] == "succeeded"
+
+    bad = api.post("/v1/policies", json={"document": {"name": "fil-bad", "filecoin": {"copies": 1,
+                                                                                      "backend": "archive"}}})
+    assert bad.status_code == 400 and bad.json()["error"]["field"] == "filecoin.backend"
+    r = api.post("/v1/policies", json={"document": {
+        "name": "fil-heal", "selector": {"backend": "local", "prefix": "healset/"},
+        "filecoin": {"copies": 1, "verified": False}, "schedule": "manual"}})
+    assert r.status_code == 201, r.text
+    assert api.post("/v1/policies/fil-heal/run").status_code in (200, 202)
+    deadline = time.monotonic() + 60
+    while True:
+        deals = api.get("/v1/deals", params={"cid": cid}).json()["deals"]
+        if any(d["state"] == "active" for d in deals):
+            break
+        assert time.monotonic() < deadline, deals
+        time.sleep(0.3)
+    assert len(deals) == 1 and not deals[0]["verified"] and deals[0]["provider"] == "f04000"
+
+    # Both disk copies go bad: Filecoin holds the only verified copy, and heals them.
+    copies = [path, disks / "archive" / "healset" / "only.bin"]
+    for p in copies:
+        p.write_bytes(b"corrupt" + data[7:])
+    for backend in ("local", "archive"):
+        r = api.post("/v1/jobs", json={"kind": "verify", "source": {"backend": backend, "keys": ["healset/only.bin"]}})
+        assert wait_job(api, r.json()["id"])["state"] == "succeeded"
+    deadline = time.monotonic() + 60
+    while any(p.read_bytes() != data for p in copies):
+        assert time.monotonic() < deadline, api.get(f"/v1/objects/{cid}").json()
+        time.sleep(0.3)
+    obj = api.get(f"/v1/objects/{cid}").json()
+    states = {rep["backend"]: rep["state"] for rep in obj["replicas"]}
+    assert states == {"local": "present", "archive": "present", "filecoin": "present"}, states
+    # The passes since (after each verification) planned no more deals: the active one counts.
+    assert len(api.get("/v1/deals", params={"cid": cid}).json()["deals"]) == 1
+    api.delete("/v1/policies/fil-heal")
