@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytest_plugins = ["tests.fixtures.s3peer", "tests.fixtures.cluster", "tests.fixtures.ipfsnode", "tests.fixtures.gateway"]
+pytest_plugins = ["tests.fixtures.s3peer", "tests.fixtures.cluster", "tests.fixtures.ipfsnode", "tests.fixtures.gateway",
+                  "tests.fixtures.filecoin_sim", "tests.fixtures.hubpeer"]
 
 ADMIN_URL = os.environ.get("FERRY_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_BASE = os.environ.get("FERRY_TEST_REDIS", "redis://127.0.0.1:6379")

@@ -5,6 +5,10 @@ on a temporary directory, "s3" on a fresh bucket of a moto server on loopback (s
 tests/fixtures/s3peer.py), "ipfs" on the real IPFS node (tests/fixtures/ipfsnode.py) and
 "gateway", read-only, through a trustless-gateway front over that node
 (tests/fixtures/gateway.py): its objects are put on the node, and read through the gateway.
+"huggingface" runs on a fresh dataset repo of a local stand-in for the Hugging Face Hub that
+speaks the Hub's HTTP API (tests/fixtures/hubpeer.py; huggingface.co cannot be reached here).
+"storacha" is read the same way (uploads ended with the service, see docs/storacha.md),
+through a front sending CARs with every duplicate (dups=y), as Storacha's freeway does.
 The S3 backend is given a 5 MiB multipart threshold and part size, S3's minimum, so the
 larger cases go through multipart upload. Backends are built through workers.registry
 from a BackendSpec, as workers build them.
@@ -65,26 +69,44 @@ def s3_settings(endpoint: str, bucket: str, **extra) -> dict:
     }
 
 
-@pytest.fixture(params=["local", "s3", "ipfs", "gateway"])
+@pytest.fixture(params=["local", "s3", "ipfs", "gateway", "storacha", "huggingface"])
 def backend(request, tmp_path) -> Iterator[Backend]:
     # Peers are looked up here so local-only runs never start the S3 server or IPFS node.
     if request.param == "local":
         yield build("local", root=str(tmp_path / "root"))
     elif request.param == "s3":
         yield build("s3", **s3_settings(request.getfixturevalue("s3_server"), request.getfixturevalue("s3_bucket")))
+    elif request.param == "huggingface":
+        peer = request.getfixturevalue("hub_peer")
+        request.getfixturevalue("monkeypatch").setenv(HF_TOKEN_ENV, peer.token)
+        repo_id = peer.new_repo()
+        backend = build("huggingface", **hub_settings(peer, repo_id))
+        backend.peer = peer  # where raw_contents looks behind the driver
+        yield backend
+        peer.delete_repo("dataset", repo_id)
     else:
         node = request.getfixturevalue("ipfs_node")
         ipfs = build("ipfs", api_url=node.api_url, timeout=10)
         ipfs.pins_before = set(pins(ipfs))
         if request.param == "ipfs":
             yield ipfs
-        else:
-            front = request.getfixturevalue("gateway_front")()
-            backend = build("gateway", gateways=[front.url], timeout=5)
+        else:  # "gateway", or "storacha" through a front with freeway's CAR flavour
+            storacha = request.param == "storacha"
+            front = request.getfixturevalue("gateway_front")(dups=storacha)
+            backend = build(request.param, gateways=[front.url], timeout=5)
             backend.node = ipfs  # where `put` stores what the gateway then serves
             yield backend
         for cid in set(pins(ipfs)) - ipfs.pins_before:  # the node is shared by the session
             ipfs.delete(cid)
+
+
+HF_TOKEN_ENV = "FERRY_TEST_HF_TOKEN"
+
+
+def hub_settings(peer, repo_id: str, **extra) -> dict:
+    """Settings of a huggingface backend on the Hub peer; the token is a reference to
+    HF_TOKEN_ENV, which the test sets to peer.token (or not)."""
+    return {"repo_id": repo_id, "endpoint": peer.url, "token": {"env": HF_TOKEN_ENV}, "timeout": 10, **extra}
 
 
 def put(backend: Backend, key: str, chunks, size: int | None = None) -> int:
@@ -120,8 +142,12 @@ def raw_contents(backend: Backend) -> list[str]:
         return sorted(str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir())
     if backend.driver == "ipfs":  # what is pinned (unpinned blocks are the node's to collect)
         return sorted(set(pins(backend)) - backend.pins_before)
-    if backend.driver == "gateway":  # it stores nothing; what was put is on the node
+    if backend.driver in ("gateway", "storacha"):  # it stores nothing; what was put is on the node
         return raw_contents(backend.node)
+    if backend.driver == "huggingface":  # every file of the branch, and LFS uploads no commit took
+        # The Hub's own .gitattributes, made with the repo, is left out: no key can name it.
+        c = backend.config
+        return [p for p in backend.peer.raw_contents(c.repo_type, c.repo_id, c.revision) if p != ".gitattributes"]
     client, bucket = backend.client, backend.config.bucket
     found = [item["Key"] for item in client.list_objects_v2(Bucket=bucket).get("Contents", ())]
     found += [f"upload:{u['Key']}" for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", ())]
@@ -134,6 +160,12 @@ def plant_write_in_progress(backend: Backend, key: str) -> None:
         path = Path(backend.root, *key.split("/"))
         path.parent.mkdir(parents=True, exist_ok=True)
         (path.parent / ".ferry-tmp-abcd1234").write_bytes(b"half")
+    elif backend.driver == "huggingface":  # its LFS object uploaded, the commit not yet made
+        from huggingface_hub import CommitOperationAdd
+
+        c = backend.config
+        backend.api.preupload_lfs_files(c.repo_id, [CommitOperationAdd(c.prefix + key, b"\x00half")],
+                                        repo_type=c.repo_type, revision=c.revision)
     else:
         backend.client.create_multipart_upload(Bucket=backend.config.bucket, Key=S3_PREFIX + key)
 
@@ -352,8 +384,10 @@ def test_write_streams_in_bounded_memory(backend):
     finally:
         tracemalloc.stop()
     assert written == size
-    # S3 holds one 5 MiB part (plus the chunk filling it); local disk about one chunk.
-    limit = {"local": 4 * MiB, "s3": 10 * MiB, "ipfs": 4 * MiB}[backend.driver]
+    # S3 holds one 5 MiB part (plus the chunk filling it); local disk about one chunk; the
+    # Hub driver spools to disk: a chunk, the library's 1 MiB hashing reads and the (in-process)
+    # Hub peer's 1 MiB receive buffer.
+    limit = {"local": 4 * MiB, "s3": 10 * MiB, "ipfs": 4 * MiB, "huggingface": 5 * MiB}[backend.driver]
     assert peak < limit, f"peak {peak / MiB:.1f} MiB while writing 64 MiB"
     assert backend.stat(key).size == size
 
