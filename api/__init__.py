@@ -33,7 +33,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.json.sort_keys = False
 
     for bp in (jobs.bp, objects.bp, backends.bp, policies.bp, policies.events_bp, health.bp, metrics.bp, deals.bp,
-               deals.providers_bp, deals.pieces_bp):
+               deals.providers_bp, deals.pieces_bp, deals.schedules_bp):
         app.register_blueprint(bp)
     access.install(app)
 

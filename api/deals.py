@@ -7,6 +7,7 @@ import hmac
 from pathlib import Path
 
 from flask import Blueprint, jsonify, request, send_file
+from pydantic import ValidationError
 from sqlalchemy import select
 
 from api.access import current, note
@@ -16,6 +17,9 @@ from api.schemas import (
     DealOut,
     DealQuery,
     DealRetryOut,
+    DealScheduleIn,
+    DealScheduleList,
+    DealScheduleOut,
     ProviderIn,
     ProviderList,
     ProviderOut,
@@ -28,6 +32,7 @@ from ferry.catalog.db import after_commit, transaction
 from ferry.catalog.models import (
     ENDED_DEAL_STATES,
     Deal,
+    DealSchedule,
     DealState,
     Piece,
     PieceObject,
@@ -36,13 +41,15 @@ from ferry.catalog.models import (
     StoredObject,
     utcnow,
 )
-from ferry.errors import Conflict, InvalidRequest, NotFound
+from ferry.errors import Conflict, InvalidRequest, NotFound, UnknownBackend
 from ferry.security import Unauthenticated, require_backends
+from ferry.settings import get_settings
 from tasks import deals as deal_tasks
 
 bp = Blueprint("deals", __name__, url_prefix="/v1/deals")
 providers_bp = Blueprint("providers", __name__, url_prefix="/v1/providers")
 pieces_bp = Blueprint("pieces", __name__, url_prefix="/v1/pieces")
+schedules_bp = Blueprint("schedules", __name__, url_prefix="/v1/deal-schedules")
 
 
 def deal_out(deal: Deal, piece: Piece, objects: list[str] | None = None) -> dict:
@@ -199,3 +206,111 @@ def piece(piece_cid: str):
     note(detail=f"piece {piece_cid} fetched ({request.headers.get('Range', 'whole')})")
     return send_file(path, mimetype="application/vnd.ipld.car", conditional=True, etag=piece_cid,
                      download_name=f"{piece_cid}.car", max_age=0)
+
+
+# -- deal schedules --------------------------------------------------------------------------
+
+
+def schedule_out(session, row: DealSchedule) -> dict:
+    pending, made, made_bytes = deal_tasks.schedule_counts(session, row.name)
+    return DealScheduleOut(name=row.name, spec=row.spec, paused=row.paused, next_run_at=row.next_run_at,
+                           last_run_at=row.last_run_at, last_error=row.last_error, pending=pending, made=made,
+                           made_bytes=made_bytes).model_dump(mode="json")
+
+
+def _schedule(session, name: str, lock: bool = False) -> DealSchedule:
+    row = session.get(DealSchedule, name, with_for_update=lock)
+    if row is None:
+        raise ScheduleNotFound(f"no deal schedule {name!r}")
+    return row
+
+
+class ScheduleNotFound(NotFound):
+    """Raised when no deal schedule has the given name."""
+
+    code = "schedule_not_found"
+
+
+@operation(schedules_bp, "", "PUT", summary="Create or replace a deal schedule", body=DealScheduleIn,
+           responses={200: DealScheduleOut})
+def put_schedule(body: DealScheduleIn):
+    from policies.schema import Schedule
+
+    try:
+        timing = Schedule.model_validate(body.schedule)
+    except ValidationError as exc:
+        raise InvalidRequest(exc.errors(include_url=False)[0]["msg"].removeprefix("Value error, "),
+                             field="schedule") from None
+    if timing.kind not in ("cron", "interval"):
+        raise InvalidRequest('a deal schedule runs on a timetable: {"cron": "..."} or {"every": "..."}',
+                             field="schedule")
+    if body.source.prefix is None or body.source.keys is not None:
+        raise InvalidRequest("a deal schedule selects by prefix", field="source.prefix")
+    backends = get_settings().backends()
+    if body.source.backend not in backends:
+        raise UnknownBackend(f"unknown backend {body.source.backend!r}", field="source.backend")
+    spec = backends.get(body.backend)
+    if spec is None or spec.driver != "filecoin":
+        raise InvalidRequest(f"{body.backend!r} is not a filecoin backend", field="backend")
+    note(backends=[body.source.backend, body.backend])
+    require_backends(current(), "read", [body.source.backend])
+    require_backends(current(), "write", [body.backend])
+    now = utcnow()
+    doc = body.model_dump(mode="json", exclude={"name", "paused"})
+    doc["schedule"] = timing.model_dump(mode="json")
+    with transaction() as session:
+        row = session.get(DealSchedule, body.name, with_for_update=True)
+        if row is None:
+            row = DealSchedule(name=body.name, created_at=now)
+            session.add(row)
+        row.backend, row.spec, row.paused, row.updated_at = body.backend, doc, body.paused, now
+        row.next_run_at = now if timing.kind == "interval" else timing.next_run_after(now)
+        session.flush()
+        note(detail=f"deal schedule {row.name}")
+        return jsonify(schedule_out(session, row))
+
+
+@operation(schedules_bp, "", "GET", summary="Deal schedules with their progress", responses={200: DealScheduleList})
+def schedules():
+    with transaction() as session:
+        rows = session.scalars(select(DealSchedule).order_by(DealSchedule.name)).all()
+        return jsonify({"schedules": [schedule_out(session, r) for r in rows]})
+
+
+@operation(schedules_bp, "/<name>", "GET", summary="One deal schedule", responses={200: DealScheduleOut})
+def schedule(name: str):
+    with transaction() as session:
+        return jsonify(schedule_out(session, _schedule(session, name)))
+
+
+def _set_paused(name: str, paused: bool):
+    with transaction() as session:
+        row = _schedule(session, name, lock=True)
+        require_backends(current(), "write", [row.backend])
+        row.paused, row.updated_at = paused, utcnow()
+        if not paused and row.next_run_at is None:
+            row.next_run_at = utcnow()
+        return jsonify(schedule_out(session, row))
+
+
+@operation(schedules_bp, "/<name>/pause", "POST", summary="Pause a deal schedule (its deals go on)",
+           responses={200: DealScheduleOut})
+def pause_schedule(name: str):
+    return _set_paused(name, True)
+
+
+@operation(schedules_bp, "/<name>/resume", "POST", summary="Resume a paused deal schedule",
+           responses={200: DealScheduleOut})
+def resume_schedule(name: str):
+    return _set_paused(name, False)
+
+
+@operation(schedules_bp, "/<name>", "DELETE", summary="Remove a deal schedule (its deals go on)",
+           responses={200: DealScheduleOut})
+def delete_schedule(name: str):
+    with transaction() as session:
+        row = _schedule(session, name, lock=True)
+        require_backends(current(), "write", [row.backend])
+        out = schedule_out(session, row)
+        session.delete(row)
+        return jsonify(out)

@@ -553,3 +553,33 @@ class QuoteOut(BaseModel):
     total_fil: str
     excluded: dict[str, str] = Field(description="providers that could not take the deals, and why")
     too_big: int = Field(description="objects larger than a piece")
+
+
+class DealScheduleIn(Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
+    source: SourceSpec = Field(description="where the objects are: a backend and a prefix")
+    backend: str = Field("filecoin", description="the filecoin backend that makes the deals")
+    deal: DealTerms = DealTerms()
+    schedule: Any = Field(description='when it runs: {"cron": "0 * * * *"} or {"every": "6h"}')
+    deals_per_run: int = Field(10, ge=1, le=100_000, description="deals one run makes at most")
+    max_pending: int | None = Field(None, ge=1, le=MAX_INT32, description="deals proposed or published, at most")
+    total_deals: int | None = Field(None, ge=1, le=MAX_INT32,
+                                    description="deals the schedule makes in all (rejected and failed ones aside)")
+    total_bytes: int | None = Field(None, ge=1, le=MAX_INT64, description="padded bytes of those deals, at most")
+    paused: bool = False
+
+
+class DealScheduleOut(BaseModel):
+    name: str
+    spec: dict[str, Any]
+    paused: bool
+    next_run_at: datetime | None
+    last_run_at: datetime | None
+    last_error: str | None
+    pending: int = Field(description="its deals planned, proposed or published")
+    made: int = Field(description="its deals, rejected and failed ones aside")
+    made_bytes: int
+
+
+class DealScheduleList(BaseModel):
+    schedules: list[DealScheduleOut]

@@ -169,7 +169,7 @@ def run_batch(plan: Plan) -> dict[str, int]:
                                             "(piece_size of the filecoin backend)")
         for group in groups:
             try:
-                _prepare(plan, name, config, terms, group, finish, proposals)
+                _prepare(plan, name, config, terms, group, finish, proposals, spec.get("schedule"))
             except Exception as exc:  # a bug or an unmapped error: fail the group's items, keep the batch going
                 log.exception("job %s: preparing a piece failed unexpectedly", plan.job_id)
                 done = {o["seq"] for o in outcomes}
@@ -202,7 +202,7 @@ def _not_yet_dealt(entries: list[Entry], backend: str, copies: int, finish) -> l
 
 
 def _prepare(plan: Plan, name: str, config: FilecoinConfig, terms: Terms, group: list[Entry], finish,
-             proposals: list[uuid.UUID]) -> None:
+             proposals: list[uuid.UUID], schedule: str | None = None) -> None:
     piece_dir = Path(config.piece_dir)
     while group:
         tmp = piece_dir / f"prepare-{uuid.uuid4().hex}.car"
@@ -239,7 +239,8 @@ def _prepare(plan: Plan, name: str, config: FilecoinConfig, terms: Terms, group:
                 session.add_all([PieceObject(piece_id=row.id, object_id=oid) for (oid,) in ids])
             elif row.path is None:
                 row.path = str(final)
-            planned, reason = plan_copies(session, row, name, config, terms, job_id=plan.job_id)
+            planned, reason = plan_copies(session, row, name, config, terms, job_id=plan.job_id,
+                                          schedule=schedule)
             proposals += [d.id for d in planned]
             size = sum(e.size for e in group)
             for e in group:
@@ -438,7 +439,9 @@ def retry_deal(session, deal: Deal, config: FilecoinConfig, *, manual: bool = Fa
 
 @app.task(name="ferry.deals.track")
 def track_all() -> int:
-    """Beat: one tracking pass per filecoin backend, on that backend's queue."""
+    """Beat: deal schedules that are due run; one tracking pass per filecoin backend, on
+    that backend's queue."""
+    run_schedules()
     names = [s.name for s in get_settings().backends().values() if s.driver == "filecoin"]
     for name in names:
         app.send_task("ferry.deals.track_backend", args=[name], queue=queue_for(name),
@@ -611,3 +614,106 @@ def quote(source_backend: str, keys: list[str] | None, prefix: str | None, backe
             "providers": providers, "storage_cost": storage, "gas_cost": gas, "total_cost": total,
             "total_fil": f"{total / 10**18:.18f}".rstrip("0").rstrip("."), "excluded": excluded,
             "too_big": len(too_big)}
+
+
+# -- schedules -----------------------------------------------------------------------------
+
+
+def schedule_counts(session, name: str) -> tuple[int, int, int]:
+    """(pending, made, padded bytes made) of a schedule's deals; made leaves out the
+    rejected and failed ones, which stored nothing."""
+    from sqlalchemy import func
+
+    d, p = Deal.__table__.c, Piece.__table__.c
+    pending = session.execute(select(func.count()).select_from(Deal.__table__).where(
+        d.schedule == name, d.state.in_([s.value for s in OPEN_DEAL_STATES]))).scalar_one()
+    made, nbytes = session.execute(
+        select(func.count(), func.coalesce(func.sum(p.padded_size), 0)).select_from(Deal.__table__)
+        .join(Piece.__table__, p.id == d.piece_id)
+        .where(d.schedule == name, d.state.not_in([DealState.rejected.value, DealState.failed.value]))).one()
+    return int(pending), int(made), int(nbytes)
+
+
+def run_schedules(now=None) -> dict[str, int]:
+    """Run every schedule that is due and not paused: one deal job each, sized to the
+    schedule's caps. Returns the deals each one asked for."""
+    from ferry.catalog.models import DealSchedule
+    from policies.schema import Schedule
+
+    now = now or utcnow()
+    asked: dict[str, int] = {}
+    with transaction() as session:
+        due = list(session.scalars(select(DealSchedule).where(DealSchedule.paused.is_(False),
+                                                              DealSchedule.next_run_at <= now)
+                                   .with_for_update(skip_locked=True)))
+        for row in due:
+            try:
+                asked[row.name] = _run_schedule(session, row)
+                row.last_error = None
+            except FerryError as exc:
+                row.last_error = exc.message
+                log.warning("deal schedule %s: %s", row.name, exc.message)
+            row.last_run_at = now
+            row.next_run_at = Schedule.model_validate(row.spec["schedule"]).next_run_after(now)
+    return asked
+
+
+def _run_schedule(session, row) -> int:
+    """One run: the objects under the schedule's prefix not yet in enough deals, packed,
+    as many pieces as the caps allow, submitted as a deal job."""
+    from ferry.catalog.models import (
+        ItemAction,
+        JobItem,
+        Replica,
+        ReplicaState,
+        StoredObject,
+    )
+    from ferry.catalog.replicas import under_prefix
+    from tasks import jobs as job_tasks
+
+    spec = row.spec
+    _, backend = filecoin_backend(spec["backend"])
+    config = backend.config
+    terms = Terms.of(spec, config)
+    pending, made, made_bytes = schedule_counts(session, row.name)
+    budget = spec["deals_per_run"]
+    if spec.get("max_pending") is not None:
+        budget = min(budget, spec["max_pending"] - pending)
+    if spec.get("total_deals") is not None:
+        budget = min(budget, spec["total_deals"] - made)
+    pieces = budget // terms.copies
+    if pieces <= 0:
+        return 0
+    source = spec["source"]
+    o, r = StoredObject, Replica
+    dealt = catalog.deal_copies_by_object  # objects already in enough open or live deals are left out
+    in_flight = select(JobItem.object_id).where(JobItem.action == ItemAction.deal, JobItem.dest_backend ==
+                                                spec["backend"], JobItem.state.in_(["queued", "running", "stuck"]))
+    rows = session.execute(
+        select(o.id, o.cid, o.size, r.key).join(r, r.object_id == o.id)
+        .where(r.backend == source["backend"], r.state == ReplicaState.present,
+               under_prefix(r.key, source.get("prefix") or ""), o.id.not_in(in_flight.scalar_subquery()))
+        .order_by(r.key).limit(100_000)).all()
+    have = dealt(session, [x.id for x in rows], spec["backend"], OPEN_DEAL_STATES | LIVE_DEAL_STATES)
+    entries = [Entry(x.cid, x.size, ref=x.key) for x in rows if have.get(x.id, 0) < terms.copies]
+    groups, _ = plan_pieces(entries, config.piece_size)
+    keys: list[str] = []
+    room = None if spec.get("total_bytes") is None else spec["total_bytes"] - made_bytes
+    for group in groups[:pieces]:
+        padded = padded_piece_size(sum(car_bound(e.size) + 41 for e in group) + 32) * terms.copies
+        if room is not None:
+            if padded > room:
+                break
+            room -= padded
+        keys += [e.ref for e in group]
+    if not keys:
+        return 0
+    job_spec = {"source": {"backend": source["backend"], "keys": len(keys)},
+                "targets": [{"backend": spec["backend"], "prefix": ""}], "keep_source": False,
+                "deal": spec.get("deal", {}), "schedule": row.name}
+    request = job_tasks.JobRequest(kind=JobKind.deal, source_backend=source["backend"], keys=keys,
+                                   targets=[job_tasks.Target(spec["backend"])], spec=job_spec)
+    job_tasks.submit(request)  # its own transaction: the job stands even if this run's bookkeeping fails
+    log.info("deal schedule %s: a deal job of %d objects (%d pieces x %d copies)", row.name, len(keys),
+             min(pieces, len(groups)), terms.copies)
+    return min(pieces, len(groups)) * terms.copies

@@ -220,3 +220,84 @@ def provider_list(as_json):
                       f"{p['min_piece_size']}-{p['max_piece_size']}", p["access"], f"{r['score']:.3f}",
                       str(r["proposed"]), str(r["rejected"]), str(r["activated"]), str(r["slashed"]))
     out.print(table)
+
+
+@deal.group("schedule")
+def schedule() -> None:
+    """Standing orders for deals: cron or interval runs within pending and total caps."""
+
+
+@schedule.command("set")
+@click.argument("name")
+@click.argument("selection", metavar="BACKEND:PREFIX")
+@click.option("--to", "backend", default="filecoin", show_default=True, help="The filecoin backend.")
+@click.option("--cron", help='When it runs, e.g. "0 * * * *".')
+@click.option("--every", help="Or how often, e.g. 6h.")
+@click.option("--deals-per-run", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--max-pending", type=click.IntRange(1), default=None, help="Deals proposed or published, at most.")
+@click.option("--total-deals", type=click.IntRange(1), default=None, help="Deals in all, at most.")
+@click.option("--total-bytes", type=click.IntRange(1), default=None, help="Padded bytes in all, at most.")
+@click.option("--copies", type=click.IntRange(1, 16), default=None)
+@click.option("--verified/--unverified", default=None)
+@click.option("--region", "regions", multiple=True)
+@click.option("--spread-regions", is_flag=True)
+@click.option("--max-price", type=click.IntRange(0), default=None, help="attoFIL per GiB per epoch, at most.")
+@click.option("--paused", is_flag=True, help="Create it paused.")
+@json_opt
+def schedule_set(name, selection, backend, cron, every, deals_per_run, max_pending, total_deals, total_bytes,
+                 copies, verified, regions, spread_regions, max_price, paused, as_json):
+    """Create or replace the deal schedule NAME over BACKEND:PREFIX."""
+    if (cron is None) == (every is None):
+        raise click.UsageError("give either --cron or --every")
+    source = _source(selection, None)
+    if "prefix" not in source:
+        raise click.BadParameter("a schedule selects a prefix: end it with '/'", param_hint="SELECTION")
+    body = {"name": name, "source": source, "backend": backend,
+            "deal": _terms(copies, verified, regions, spread_regions, max_price),
+            "schedule": {"cron": cron} if cron else {"every": every}, "deals_per_run": deals_per_run,
+            "max_pending": max_pending, "total_deals": total_deals, "total_bytes": total_bytes, "paused": paused}
+    s = client().request("PUT", "/v1/deal-schedules", json=body)
+    out.print_json(data=s) if as_json else out.print(f"schedule {s['name']}: next run {s['next_run_at']}")
+
+
+@schedule.command("list")
+@json_opt
+def schedule_list(as_json):
+    """Deal schedules and how far they have got."""
+    page = client().request("GET", "/v1/deal-schedules")
+    if as_json:
+        out.print_json(data=page)
+        return
+    table = Table("name", "selection", "when", "per run", "pending", "made", "paused", "next run", "last error")
+    for s in page["schedules"]:
+        spec = s["spec"]
+        when = spec["schedule"].get("cron") or f"every {spec['schedule'].get('every')}"
+        table.add_row(s["name"], f"{spec['source']['backend']}:{spec['source'].get('prefix', '')}", when,
+                      str(spec["deals_per_run"]), f"{s['pending']}/{spec.get('max_pending') or '-'}",
+                      f"{s['made']}/{spec.get('total_deals') or '-'}", "yes" if s["paused"] else "no",
+                      s["next_run_at"] or "-", (s["last_error"] or "")[:50])
+    out.print(table)
+
+
+@schedule.command("pause")
+@click.argument("name")
+def schedule_pause(name):
+    """Stop making new deals (those made go on)."""
+    client().request("POST", f"/v1/deal-schedules/{name}/pause")
+    out.print(f"schedule {name} paused")
+
+
+@schedule.command("resume")
+@click.argument("name")
+def schedule_resume(name):
+    """Make deals again at the next run."""
+    client().request("POST", f"/v1/deal-schedules/{name}/resume")
+    out.print(f"schedule {name} resumed")
+
+
+@schedule.command("delete")
+@click.argument("name")
+def schedule_delete(name):
+    """Remove the schedule (its deals go on)."""
+    client().request("DELETE", f"/v1/deal-schedules/{name}")
+    out.print(f"schedule {name} deleted")

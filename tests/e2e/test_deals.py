@@ -325,3 +325,62 @@ def test_a_policy_keeps_filecoin_copies_and_heals_from_filecoin(api, market, dis
     # The passes since (after each verification) planned no more deals: the active one counts.
     assert len(api.get("/v1/deals", params={"cid": cid}).json()["deals"]) == 1
     api.delete("/v1/policies/fil-heal")
+
+
+def _schedule_deals(api, name: str) -> list[dict]:
+    return [d for d in api.get("/v1/deals", params={"limit": 1000}).json()["deals"] if d["schedule"] == name]
+
+
+def test_a_deal_schedule_runs_within_its_caps_pauses_and_resumes(api, market, disks, cluster):
+    market.set_providers({"id": "f05000", "behaviour": "ignore", "ferry_price": 1})  # never publishes
+    put_objects(api, disks, "schedset", [600 * KiB] * 6)  # one object per 1 MiB piece
+    body = {"name": "nightly", "source": {"backend": "local", "prefix": "schedset/"}, "backend": "filecoin",
+            "deal": {"copies": 1, "verified": False}, "schedule": {"every": "1s"}, "deals_per_run": 2,
+            "max_pending": 3, "total_deals": 5}
+    assert api.put("/v1/deal-schedules", json={**body, "schedule": "manual"}).status_code == 422
+    r = api.put("/v1/deal-schedules", json=body)
+    assert r.status_code == 200, r.text
+    # Two deals a run until three are pending: then the runs wait.
+    deadline = time.monotonic() + 30
+    while len(_schedule_deals(api, "nightly")) < 3:
+        assert time.monotonic() < deadline, _schedule_deals(api, "nightly")
+        time.sleep(0.3)
+    time.sleep(3)  # several more runs: none may pass the pending cap
+    deals = _schedule_deals(api, "nightly")
+    assert len(deals) == 3 and {d["state"] for d in deals} == {"proposed"}, deals
+    s = api.get("/v1/deal-schedules/nightly").json()
+    assert (s["pending"], s["made"], s["last_error"]) == (3, 3, None)
+
+    # Paused, it makes nothing, even once the proposals expire and free the pending cap.
+    env = {**os.environ, "FERRY_API_URL": cluster.api_url, "COLUMNS": "200"}
+    import subprocess
+    import sys
+    ferry = str(Path(sys.executable).parent / "ferry")
+    r = subprocess.run([ferry, "deal", "schedule", "pause", "nightly"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    market.advance(400)
+    deadline = time.monotonic() + 30
+    while any(d["state"] == "proposed" for d in _schedule_deals(api, "nightly")):
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    deals = _schedule_deals(api, "nightly")
+    assert len(deals) == 3 and {d["state"] for d in deals} == {"failed"}
+    assert all("proposal expired" in d["error"] for d in deals), deals
+
+    # Resumed with a provider that works: runs go on until five deals stand (the failed ones
+    # do not count), never a sixth.
+    market.set_providers({"id": "f05001", "behaviour": "accept", "ferry_price": 1})
+    r = subprocess.run([ferry, "deal", "schedule", "resume", "nightly"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    deadline = time.monotonic() + 60
+    while sum(d["state"] == "active" for d in _schedule_deals(api, "nightly")) < 5:
+        assert time.monotonic() < deadline, _schedule_deals(api, "nightly")
+        time.sleep(0.3)
+    time.sleep(3)
+    deals = _schedule_deals(api, "nightly")
+    assert sum(d["state"] == "active" for d in deals) == 5 and len(deals) == 8
+    r = subprocess.run([ferry, "deal", "schedule", "list"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and "nightly" in r.stdout, r.stderr
+    r = subprocess.run([ferry, "deal", "list", "--state", "active"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and "f05001" in r.stdout
+    assert api.delete("/v1/deal-schedules/nightly").status_code == 200
