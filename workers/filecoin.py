@@ -42,6 +42,7 @@ from ferry.errors import (
     BackendError,
     BackendUnavailable,
     FerryError,
+    InvalidKey,
     KeyNotFound,
     ReadOnlyBackend,
 )
@@ -410,9 +411,15 @@ class FilecoinBackend(Backend):
         return GatewayBackend(self.name, self._retrieval(cid)).stat(cid)
 
     def list(self, prefix: str = "") -> Iterator[ObjectStat]:
+        """Filecoin cannot list (what Ferry stored there is in the catalog's deals): a prefix
+        that is a whole CID yields that object, so a job can name one object by CID."""
         check_prefix(prefix)
-        raise BackendError(f"backend {self.name!r}: Filecoin is listed from the catalog's deals, "
-                           f"not from the network (name objects by CID)")
+        try:
+            cid = check_cid(prefix)
+        except InvalidKey:
+            raise BackendError(f"backend {self.name!r}: Filecoin cannot list; name objects by CID "
+                               f"(got prefix {prefix!r})") from None
+        return iter([self.stat(cid)])
 
     def write(self, key: str, chunks: Iterable[bytes], size: int | None = None) -> int:
         check_cid(key)

@@ -5,6 +5,8 @@ on a temporary directory, "s3" on a fresh bucket of a moto server on loopback (s
 tests/fixtures/s3peer.py), "ipfs" on the real IPFS node (tests/fixtures/ipfsnode.py) and
 "gateway", read-only, through a trustless-gateway front over that node
 (tests/fixtures/gateway.py): its objects are put on the node, and read through the gateway.
+"filecoin", read-only, reads through the simulated providers' trustless retrieval (its
+objects are put in active deals of tests/fixtures/filecoin_sim.py by `DealMaker`);
 "huggingface" runs on a fresh dataset repo of a local stand-in for the Hugging Face Hub that
 speaks the Hub's HTTP API (tests/fixtures/hubpeer.py; huggingface.co cannot be reached here).
 "storacha" is read the same way (uploads ended with the service, see docs/storacha.md),
@@ -69,7 +71,7 @@ def s3_settings(endpoint: str, bucket: str, **extra) -> dict:
     }
 
 
-@pytest.fixture(params=["local", "s3", "ipfs", "gateway", "storacha", "huggingface"])
+@pytest.fixture(params=["local", "s3", "ipfs", "gateway", "storacha", "huggingface", "filecoin"])
 def backend(request, tmp_path) -> Iterator[Backend]:
     # Peers are looked up here so local-only runs never start the S3 server or IPFS node.
     if request.param == "local":
@@ -84,6 +86,12 @@ def backend(request, tmp_path) -> Iterator[Backend]:
         backend.peer = peer  # where raw_contents looks behind the driver
         yield backend
         peer.delete_repo("dataset", repo_id)
+    elif request.param == "filecoin":
+        sim = request.getfixturevalue("fil")  # the Singularity + Lotus + providers simulation
+        backend = build("filecoin", **filecoin_settings(sim, tmp_path))
+        backend.node = DealMaker(sim, tmp_path / "cars")  # `put` stores in an active deal
+        backend.locate = lambda cid: [sim.retrieval_url(DealMaker.PROVIDER)]
+        yield backend
     else:
         node = request.getfixturevalue("ipfs_node")
         ipfs = build("ipfs", api_url=node.api_url, timeout=10)
@@ -107,6 +115,41 @@ def hub_settings(peer, repo_id: str, **extra) -> dict:
     """Settings of a huggingface backend on the Hub peer; the token is a reference to
     HF_TOKEN_ENV, which the test sets to peer.token (or not)."""
     return {"repo_id": repo_id, "endpoint": peer.url, "token": {"env": HF_TOKEN_ENV}, "timeout": 10, **extra}
+
+
+def filecoin_settings(sim, tmp_path: Path, **extra) -> dict:
+    return {"lotus_url": sim.lotus_url, "singularity_url": sim.singularity_url, "client": "f01234",
+            "piece_dir": str(tmp_path / "pieces"), "piece_url": "http://127.0.0.1:9", "timeout": 5, **extra}
+
+
+class DealMaker:
+    """Puts an object in an active deal with the simulated provider: its CAR, made by
+    Ferry's writer, handed to the sim as a deal it stores and serves by trustless retrieval."""
+
+    PROVIDER = "f01000"
+
+    def __init__(self, sim, folder: Path):
+        self.sim, self.folder, self.stored = sim, folder, []
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def write(self, key: str, chunks, size: int | None = None) -> int:
+        from workers.car import write_car
+
+        path = self.folder / f"{key}.car"
+        n = 0
+
+        def counted():
+            nonlocal n
+            for chunk in chunks:
+                n += len(chunk)
+                yield chunk
+
+        with open(path, "wb") as f:
+            for part in write_car(counted(), key):
+                f.write(part)
+        self.sim.store(self.PROVIDER, path, verified=False, duration=5000)
+        self.stored.append(key)
+        return n
 
 
 def put(backend: Backend, key: str, chunks, size: int | None = None) -> int:
@@ -144,6 +187,8 @@ def raw_contents(backend: Backend) -> list[str]:
         return sorted(set(pins(backend)) - backend.pins_before)
     if backend.driver in ("gateway", "storacha"):  # it stores nothing; what was put is on the node
         return raw_contents(backend.node)
+    if backend.driver == "filecoin":  # what is in active deals with the simulated provider
+        return sorted(backend.node.stored)
     if backend.driver == "huggingface":  # every file of the branch, and LFS uploads no commit took
         # The Hub's own .gitattributes, made with the repo, is left out: no key can name it.
         c = backend.config
