@@ -7,7 +7,13 @@ import pytest
 
 from ferry.errors import BackendError, BackendUnavailable
 from workers.commp import piece_of_bytes
-from workers.filecoin import DealRejected, LotusClient, Proposal, RpcError, SingularityEngine
+from workers.filecoin import (
+    DealRejected,
+    LotusClient,
+    Proposal,
+    RpcError,
+    SingularityEngine,
+)
 
 CLIENT = "f01234"
 

@@ -107,3 +107,34 @@ def test_capacity_is_fr32():
     assert capacity(2**35) == 2**35 // 128 * 127
     with pytest.raises(Exception, match="power of two"):
         capacity(3000)
+
+
+def test_packing_memory_stays_flat(tmp_path):
+    """An 8 MiB object streamed into a piece: the CAR and its CommP are made with a few
+    chunks of memory, whatever the size (here well under 3 MiB of Python heap)."""
+    import tracemalloc
+
+    size, chunk = 8 * MiB, 256 * KiB
+    block = random.Random(3).randbytes(chunk)
+
+    def chunks():
+        for _ in range(size // chunk):
+            yield block
+
+    from workers.cid import ContentHasher
+
+    hasher = ContentHasher()
+    for c in chunks():
+        hasher.update(c)
+    cid = hasher.digest().cid
+    tracemalloc.start()
+    try:
+        with PieceWriter(tmp_path / "big.car", [cid], fsync=False) as w:
+            assert w.add(cid, chunks()) == size
+            piece = w.finish()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * MiB, peak
+    assert piece.payload_size == os.path.getsize(tmp_path / "big.car") > size
+    assert piece.padded_size == 16 * MiB
