@@ -46,7 +46,6 @@ from ferry.catalog.models import (
 )
 from ferry.errors import (
     BackendUnavailable,
-    ConfigError,
     FerryError,
     InvalidRequest,
     UnknownBackend,
@@ -73,10 +72,12 @@ log = logging.getLogger(__name__)
 TOKEN_PREFIX = "fyd_"
 
 
-def filecoin_backend(name: str) -> tuple[BackendSpec, FilecoinBackend]:
+def filecoin_backend(name: str, field: str = "backend") -> tuple[BackendSpec, FilecoinBackend]:
     spec = get_settings().backends().get(name)
-    if spec is None or spec.driver != "filecoin":
-        raise ConfigError(f"backend {name!r} is not a configured filecoin backend")
+    if spec is None:
+        raise UnknownBackend(f"unknown backend {name!r}", field=field)
+    if spec.driver != "filecoin":
+        raise InvalidRequest(f"backend {name!r} is a {spec.driver} backend, not a filecoin one", field=field)
     backend = registry.get(spec)
     attach_locator(backend)
     return spec, backend  # type: ignore[return-value]
@@ -582,6 +583,8 @@ def quote(source_backend: str, keys: list[str] | None, prefix: str | None, backe
     from ferry.catalog.replicas import under_prefix
 
     _, backend = filecoin_backend(backend_name)
+    if source_backend not in get_settings().backends():
+        raise UnknownBackend(f"unknown backend {source_backend!r}", field="source.backend")
     config = backend.config
     t = Terms.of({"deal": terms}, config)
     duration = duration or config.duration

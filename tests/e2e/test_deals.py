@@ -16,55 +16,18 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
-from ferry.settings import get_settings
-from tests.fixtures.cluster import Cluster, auth, free_port, wait_job
+from tests.fixtures.cluster import FILECOIN_CLIENT as CLIENT
+from tests.fixtures.cluster import auth, filecoin_cluster, wait_job
 
 pytestmark = pytest.mark.e2e
 KiB, MiB = 1024, 2**20
-CLIENT = "f01234"
 
 
 @pytest.fixture(scope="module")
-def deal_env(test_env, filecoin_sim, s3_backend) -> dict:
-    """A backends file with the session's backends and a `filecoin` backend on the sim."""
-    tmp: Path = test_env["tmp"] / "deals"
-    tmp.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    backends = yaml.safe_load(Path(os.environ["FERRY_BACKENDS_FILE"]).read_text())["backends"]
-    backends.append({
-        "name": "filecoin", "driver": "filecoin", "labels": {"kind": "filecoin"},
-        "settings": {"lotus_url": filecoin_sim.lotus_url, "singularity_url": filecoin_sim.singularity_url,
-                     "client": CLIENT, "piece_dir": str(tmp / "pieces"), "piece_url": f"http://127.0.0.1:{port}",
-                     "piece_size": 1 * MiB, "copies": 2, "verified": True, "duration": 3000,
-                     "start_delay": 300, "renew_before": 500, "max_attempts": 3, "timeout": 10}})
-    path = tmp / "backends.yaml"
-    path.write_text(yaml.safe_dump({"backends": backends}))
-    return {"port": port, "backends": str(path), "pieces": tmp / "pieces"}
-
-
-@pytest.fixture(scope="module")
-def cluster(test_env, deal_env):
-    env = {"FERRY_BACKENDS_FILE": deal_env["backends"], "FERRY_DEAL_TRACK_SECONDS": "0.5",
-           "FERRY_RECONCILE_INTERVAL_SECONDS": "2"}
-    c = Cluster(test_env["tmp"] / "logs" / f"deals-{time.monotonic_ns()}", env=env)
-    try:
-        c.start_api(deal_env["port"])  # the port providers fetch pieces from, fixed in the backends file
-        os.environ["FERRY_BACKENDS_FILE"], saved = deal_env["backends"], os.environ["FERRY_BACKENDS_FILE"]
-        get_settings.cache_clear()
-        try:
-            c.start_worker()
-        finally:
-            os.environ["FERRY_BACKENDS_FILE"] = saved
-            get_settings.cache_clear()
-        c.start_beat()
+def cluster(test_env, filecoin_sim, s3_backend):
+    with filecoin_cluster(test_env, filecoin_sim, "deals") as c:
         yield c
-    except BaseException:
-        c.print_logs()
-        raise
-    finally:
-        c.stop()
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +94,7 @@ def wait_deals(api, job_id: str, want: dict[str, int], timeout: float = 60) -> l
         time.sleep(0.3)
 
 
-def test_deals_are_made_tracked_on_chain_and_read_back(api, market, disks, deal_env):
+def test_deals_are_made_tracked_on_chain_and_read_back(api, market, disks):
     market.set_providers(
         {"id": "f01002", "behaviour": "reject", "ferry_price": 10, "region": "eu"},     # cheapest: chosen, refuses
         {"id": "f01001", "behaviour": "accept", "ferry_price": 20, "region": "us"},

@@ -31,13 +31,23 @@ import requests
 import schemathesis
 from schemathesis import checks as st_checks
 
-from api import access, backends, health, jobs, metrics, objects, openapi, policies  # noqa: F401  (register)
+from api import (  # noqa: F401  (register)
+    access,
+    backends,
+    deals,
+    health,
+    jobs,
+    metrics,
+    objects,
+    openapi,
+    policies,
+)
 from api.schemas import ErrorBody
 from ferry.catalog.db import transaction
 from ferry.catalog.models import Replica, ReplicaState, Role, StoredObject, utcnow
 from ferry.security import create_key
 from ferry.settings import get_settings
-from tests.fixtures.cluster import auth, wait_job
+from tests.fixtures.cluster import auth, filecoin_cluster, wait_job
 from workers.cid import digest_bytes
 
 pytestmark = pytest.mark.e2e
@@ -65,7 +75,16 @@ BODY_EXAMPLES = {
     "KeyCreate": {"name": "made by the fuzzer", "role": "viewer", "grants": [{"backends": "local", "access": "read"}]},
     "ObjectLabels": {"add_tags": ["fuzz"], "metadata": {"fuzzed": True}, "media_type": "text/plain"},
     "HoldUpdate": {"hold": False},
+    "QuoteRequest": {"source": {"backend": "local", "prefix": "fuzz-"}, "backend": "filecoin", "deal": {"copies": 1}},
+    "ProviderIn": {"id": "f0999", "region": "fuzz", "price": 1, "verified_price": 0},
+    "DealScheduleIn": {"name": "fuzz-made", "source": {"backend": "local", "prefix": "fuzz-none/"},
+                       "backend": "filecoin", "schedule": {"every": "1h"}, "deals_per_run": 1, "paused": True},
 }
+# What the worlds hold for deals: a provider that takes them (the simulation's f01000), a
+# paused schedule named like each role's policy.
+PROVIDER = {"id": "f01000", "region": "sim", "price": 100000000, "verified_price": 0}
+SCHEDULE = {"source": {"backend": "local", "prefix": "fuzz-none/"}, "backend": "filecoin",
+            "schedule": {"every": "1h"}, "deals_per_run": 1, "paused": True}
 
 
 def fuzzed_spec() -> dict:
@@ -89,6 +108,14 @@ schema = schemathesis.openapi.from_dict(fuzzed_spec(), config=schemathesis.Confi
 # Answers, by role and (operation, method sent, status code): the coverage phase also sends
 # methods an operation does not have.
 tally: dict[str, Counter] = {role: Counter() for role in ROLES}
+
+
+@pytest.fixture(scope="module")
+def cluster(test_env, filecoin_sim, s3_backend) -> Iterator:
+    """The API, a worker and beat with a filecoin backend on the simulation, so that the
+    deal operations have deals, schedules and pieces to name."""
+    with filecoin_cluster(test_env, filecoin_sim, "fuzz", env={"FERRY_MAX_ATTEMPTS": "3"}) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
@@ -117,12 +144,15 @@ def put_object(key: str, data: bytes) -> str:
 
 
 @pytest.fixture(scope="module")
-def worlds(cluster) -> dict[str, dict[str, str]]:
+def worlds(cluster, filecoin_sim) -> dict[str, dict[str, str]]:
     """Per role, what its path parameters may name: an object, a job, a policy, a key; and a
     second policy for DELETE, so that the others still find theirs."""
     put_object(SHARED_KEY, b"shared by the fuzzed roles\n" * 50)
     out = {}
+    filecoin_sim.reset()
+    filecoin_sim.configure_defaults()  # f01000 takes deals
     with httpx.Client(base_url=cluster.api_url, headers=auth(), timeout=60) as api:
+        assert api.put("/v1/providers", json=PROVIDER).status_code == 200
         for role in ROLES:
             cid = put_object(f"fuzz-{role}/obj", f"fuzzed as {role}\n".encode() * 100)
             r = api.post("/v1/jobs", json={"kind": "verify", "source": {"backend": "local",
@@ -135,10 +165,19 @@ def worlds(cluster) -> dict[str, dict[str, str]]:
                           "placement": {"backends": "tier=hot", "replicas": 1}, "schedule": "manual"}
                 r = api.post("/v1/policies", json={"document": policy})
                 assert r.status_code == 201, r.text
+            for name in (f"fuzz-{role}", f"fuzz-{role}-doomed"):  # deal schedules by the same names
+                r = api.put("/v1/deal-schedules", json={**SCHEDULE, "name": name})
+                assert r.status_code == 200, r.text
+            r = api.post("/v1/jobs", json={"kind": "deal", "source": {"backend": "local", "keys": [f"fuzz-{role}/obj"]},
+                                           "targets": [{"backend": "filecoin"}], "deal": {"copies": 1}})
+            assert r.status_code == 202, r.text
+            assert wait_job(api, r.json()["id"], timeout=60)["state"] == "succeeded"
+            deal = api.get("/v1/deals", params={"job_id": r.json()["id"]}).json()["deals"][0]
             r = api.post("/v1/keys", json={"name": f"fuzz {role} revocable", "role": "viewer"})
             assert r.status_code == 201, r.text
             out[role] = {"cid": cid, "job_id": job_id, "name": f"fuzz-{role}", "prefix": r.json()["prefix"],
-                         "doomed": f"fuzz-{role}-doomed"}
+                         "doomed": f"fuzz-{role}-doomed", "deal_id": deal["id"], "piece_cid": deal["piece_cid"],
+                         "provider_id": PROVIDER["id"]}
     return out
 
 
@@ -163,7 +202,7 @@ def test_fuzz(case, role, keys, worlds, live):
     base_url, session = live
     if case.path_parameters and names_what_exists(case):
         existing = worlds[role]
-        if case.operation.label == "DELETE /v1/policies/{name}":
+        if case.operation.label in ("DELETE /v1/policies/{name}", "DELETE /v1/deal-schedules/{name}"):
             existing = {**existing, "name": existing["doomed"]}
         case = case.derive()  # the schema's explicit cases are shared by the roles: left as they are
         case.path_parameters = {k: existing.get(k, v) for k, v in case.path_parameters.items()}
