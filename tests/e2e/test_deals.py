@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -46,7 +48,7 @@ def market(filecoin_sim, api):
                   "balance": str(10 * 10**18), "escrow": "0", "locked": "0"}])
 
     def providers(*specs: dict) -> None:
-        sim.providers([{k: v for k, v in s.items() if k not in ("region", "ferry_price")} for s in specs])
+        sim.providers([{k: v for k, v in s.items() if k not in ("region", "ferry_price", "access")} for s in specs])
         for s in specs:
             r = api.put("/v1/providers", json={
                 "id": s["id"], "region": s.get("region"), "price": s.get("ferry_price", 0),
@@ -313,8 +315,6 @@ def test_a_deal_schedule_runs_within_its_caps_pauses_and_resumes(api, market, di
 
     # Paused, it makes nothing, even once the proposals expire and free the pending cap.
     env = {**os.environ, "FERRY_API_URL": cluster.api_url, "COLUMNS": "200"}
-    import subprocess
-    import sys
     ferry = str(Path(sys.executable).parent / "ferry")
     r = subprocess.run([ferry, "deal", "schedule", "pause", "nightly"], env=env, capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr
@@ -344,3 +344,63 @@ def test_a_deal_schedule_runs_within_its_caps_pauses_and_resumes(api, market, di
     r = subprocess.run([ferry, "deal", "list", "--state", "active"], env=env, capture_output=True, text=True, check=False)
     assert r.returncode == 0 and "f05001" in r.stdout
     assert api.delete("/v1/deal-schedules/nightly").status_code == 200
+
+
+def test_refusals_are_retried_up_to_the_limit_and_slow_activation_is_waited_for(api, market, disks, cluster):
+    # Four providers refuse; the copy is proposed max_attempts (3) times, then given up.
+    market.set_providers(*({"id": f"f0600{i}", "behaviour": "reject", "ferry_price": 1 + i} for i in range(4)),
+                         {"id": "f06009", "behaviour": "accept", "ferry_price": 100, "access": "deny"})
+    put_objects(api, disks, "refused", [100 * KiB])
+    r = api.post("/v1/jobs", json={"kind": "deal", "source": {"backend": "local", "prefix": "refused/"},
+                                   "targets": [{"backend": "filecoin"}], "deal": {"copies": 1}})
+    job_id = r.json()["id"]
+    assert wait_job(api, job_id, timeout=60)["state"] == "succeeded"
+    deadline = time.monotonic() + 30
+    while True:
+        deals = api.get("/v1/deals", params={"job_id": job_id}).json()["deals"]
+        if len(deals) == 3 and all(d["state"] == "rejected" for d in deals) and \
+                any("gave up after 3" in (d["error"] or "") for d in deals):
+            break
+        assert time.monotonic() < deadline, [(d["provider"], d["state"], d["error"]) for d in deals]
+        time.sleep(0.3)
+    time.sleep(1.5)  # and no fourth proposal follows; the denied provider is never asked
+    deals = api.get("/v1/deals", params={"job_id": job_id}).json()["deals"]
+    assert sorted(d["provider"] for d in deals) == ["f06000", "f06001", "f06002"]
+    assert sorted(d["attempt"] for d in deals) == [1, 2, 3]
+
+    # The CLI retries the given-up copy by hand, with the one provider left untried; it is slow
+    # to seal: published (on chain, no sector yet) for a while, active only once sealed.
+    api.put("/v1/providers", json={"id": "f06003", "access": "deny"})
+    api.put("/v1/providers", json={"id": "f06009", "price": 100, "verified_price": 100, "access": "auto",
+                                   "retrieval_url": market.retrieval_url("f06009")})
+    market.providers([{"id": "f06009", "behaviour": "accept", "activation_epochs": 40}])
+    env = {**os.environ, "FERRY_API_URL": cluster.api_url, "COLUMNS": "200"}
+    ferry = str(Path(sys.executable).parent / "ferry")
+    last = next(d for d in deals if d["attempt"] == 3)
+    r = subprocess.run([ferry, "deal", "retry", last["id"]], env=env, capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    deadline = time.monotonic() + 30
+    seen = set()
+    while True:
+        deals = api.get("/v1/deals", params={"provider": "f06009"}).json()["deals"]
+        seen |= {d["state"] for d in deals}
+        if deals and deals[0]["state"] == "active":
+            break
+        assert time.monotonic() < deadline, deals
+        time.sleep(0.2)
+    assert "published" in seen, seen  # tracked on chain before its sector was proven
+    assert deals[0]["retry_of"] == last["id"] and deals[0]["attempt"] == 4
+    r = subprocess.run([ferry, "deal", "show", deals[0]["id"]], env=env, capture_output=True, text=True,
+                       check=False)
+    assert r.returncode == 0 and "active" in r.stdout and deals[0]["piece_cid"] in r.stdout, r.stdout
+    r = subprocess.run([ferry, "deal", "show", last["id"]], env=env, capture_output=True, text=True, check=False)
+    assert r.returncode == 1 and "rejected" in r.stdout  # an ended, refused deal
+    r = subprocess.run([ferry, "deal", "retry", deals[0]["id"]], env=env, capture_output=True, text=True,
+                       check=False)
+    assert r.returncode == 2 and "only a rejected, failed, slashed or expired deal" in r.stderr
+    r = subprocess.run([ferry, "deal", "quote", "local:refused/", "--copies", "1", "--json"], env=env,
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 0 and '"pieces": 1' in r.stdout, r.stderr
+    r = subprocess.run([ferry, "deal", "make", "local:refused/", "--to", "local"], env=env, capture_output=True,
+                       text=True, check=False)
+    assert r.returncode == 2 and "deals are made by a filecoin backend" in r.stderr, r.stderr
