@@ -259,15 +259,17 @@ def plan_copies(session, piece: Piece, backend: str, config: FilecoinConfig, ter
                 retry_of: Deal | None = None, renewal_of: Deal | None = None) -> tuple[list[Deal], str | None]:
     """Plan the deals that bring the piece to `terms.copies` open or live deals, with
     providers that do not hold it yet. Returns (deals planned, why fewer than wanted)."""
-    holding, tried = catalog.piece_providers(session, piece.id)
+    holding, tried, let_down = catalog.piece_providers(session, piece.id)
     missing = terms.copies - len(holding)
     if retry_of is not None or renewal_of is not None:
         missing = 1
     if missing <= 0:
         return [], None
-    exclude = holding | (tried if retry_of is not None else set())
+    # A retry goes to a provider the piece has not had; every deal avoids one that refused,
+    # failed or lost it; a renewal may stay with the provider whose deal ends.
+    exclude = holding | let_down | (tried if retry_of is not None else set())
     if renewal_of is not None:
-        exclude.discard(renewal_of.provider)  # the provider whose deal ends may take it again
+        exclude.discard(renewal_of.provider)
     regions = {r for (r,) in session.execute(select(Provider.region).where(Provider.id.in_(holding)))}
     criteria = catalog.Criteria(padded_size=piece.padded_size, verified=terms.verified, regions=terms.regions,
                                 max_price=terms.max_price, spread_regions=terms.spread_regions, exclude=exclude,

@@ -215,15 +215,19 @@ def transition(deal: Deal, state: DealState, error: str | None = None) -> bool:
     return True
 
 
-def piece_providers(session: Session, piece_id: int) -> tuple[set[str], set[str]]:
-    """(providers holding or about to hold the piece, every provider ever tried with it)."""
+def piece_providers(session: Session, piece_id: int) -> tuple[set[str], set[str], set[str]]:
+    """(providers holding or about to hold the piece, every provider ever tried with it, those
+    whose deal for it was refused, failed or slashed)."""
     d = Deal.__table__.c
-    holding, tried = set(), set()
+    holding, tried, let_down = set(), set(), set()
     for provider, state in session.execute(select(d.provider, d.state).where(d.piece_id == piece_id)):
+        state = DealState(state)
         tried.add(provider)
-        if DealState(state) in OPEN_DEAL_STATES | LIVE_DEAL_STATES:
+        if state in OPEN_DEAL_STATES | LIVE_DEAL_STATES:
             holding.add(provider)
-    return holding, tried
+        elif state in (DealState.rejected, DealState.failed, DealState.slashed):
+            let_down.add(provider)
+    return holding, tried, let_down
 
 
 def copies_of_pieces(session: Session, piece_ids: Sequence[int]) -> dict[int, int]:

@@ -197,7 +197,8 @@ def test_slashed_deals_are_replaced_and_deals_are_renewed_before_they_end(api, m
     market.advance(replacement["end_epoch"] - 400 - head)
     deals = wait_deals(api, job_id, {"expiring": 1, "active": 1})
     renewal = next(d for d in deals if d["renewal_of"] == replacement["id"])
-    assert renewal["state"] == "active"
+    # Never back to the provider that lost the piece: the renewal stays with f02001.
+    assert renewal["state"] == "active" and renewal["provider"] == "f02001"
     market.advance(600)
     deals = wait_deals(api, job_id, {"expired": 1})
     assert next(d for d in deals if d["id"] == replacement["id"])["state"] == "expired"
