@@ -114,7 +114,7 @@ def retry(deal_id: str):
 
 
 @operation(bp, "/quote", "POST", summary="Estimate what deals of a selection would cost, before any proposal",
-           body=QuoteRequest, responses={200: QuoteOut})
+           body=QuoteRequest, responses={200: QuoteOut}, permission="read")
 def quote(body: QuoteRequest):
     require_backends(current(), "read", [body.source.backend])
     result = deal_tasks.quote(body.source.backend, body.source.keys, body.source.prefix, body.backend,
@@ -236,6 +236,9 @@ class ScheduleNotFound(NotFound):
 def put_schedule(body: DealScheduleIn):
     from policies.schema import Schedule
 
+    note(backends=[body.source.backend, body.backend])
+    require_backends(current(), "read", [body.source.backend])
+    require_backends(current(), "write", [body.backend])
     try:
         timing = Schedule.model_validate(body.schedule)
     except ValidationError as exc:
@@ -252,9 +255,6 @@ def put_schedule(body: DealScheduleIn):
     spec = backends.get(body.backend)
     if spec is None or spec.driver != "filecoin":
         raise InvalidRequest(f"{body.backend!r} is not a filecoin backend", field="backend")
-    note(backends=[body.source.backend, body.backend])
-    require_backends(current(), "read", [body.source.backend])
-    require_backends(current(), "write", [body.backend])
     now = utcnow()
     doc = body.model_dump(mode="json", exclude={"name", "paused"})
     doc["schedule"] = timing.model_dump(mode="json")
