@@ -246,7 +246,8 @@ def _prepare(plan: Plan, name: str, config: FilecoinConfig, terms: Terms, group:
             size = sum(e.size for e in group)
             for e in group:
                 if planned or reason is None:
-                    finish(e.ref, ItemState.done, size=e.size)
+                    # Fewer copies than asked (too few eligible providers) is said on the item.
+                    finish(e.ref, ItemState.done, reason and f"piece {piece.cid}: {reason}", size=e.size)
                 else:
                     finish(e.ref, ItemState.failed, f"piece {piece.cid} is ready but no deal was planned: {reason}")
             log.info("piece %s: %d objects, %d bytes, padded %d; %d deals planned", piece.cid, len(group), size,
@@ -354,7 +355,11 @@ def _propose_one(deal_id: uuid.UUID, backend: str, config: FilecoinConfig, lotus
         provider = session.get(Provider, deal.provider)
         pending = _reserved_datacap(session, deal) if deal.verified else 0
         piece_cid, padded, car_size, root = piece.piece_cid, piece.padded_size, piece.car_size, piece.root_cid
-        price = provider.verified_price if deal.verified else provider.price if provider else 0
+        price = None if provider is None else provider.verified_price if deal.verified else provider.price
+    if price is None:
+        _end(deal_id, DealState.failed, f"provider {deal.provider} is no longer registered", follow_up=follow_up,
+             config=config)
+        return "failed"
     if deal.verified:
         datacap = lotus.datacap(config.client)
         if datacap is None or datacap < padded + pending:

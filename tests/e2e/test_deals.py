@@ -44,6 +44,15 @@ def market(filecoin_sim, api):
     they behave) and in Ferry (their terms, as ops would enter them)."""
     sim = filecoin_sim
     sim.reset()
+    # A reset chain has lost every deal: to Ferry that would be slashing, and retries of them
+    # would take this test's providers. The deals of earlier tests are ended with the chain.
+    from sqlalchemy import update
+
+    from ferry.catalog.db import transaction
+    from ferry.catalog.models import ENDED_DEAL_STATES, Deal
+    with transaction() as session:
+        session.execute(update(Deal).where(Deal.state.not_in([s.value for s in ENDED_DEAL_STATES]))
+                        .values(state="expired", error="the simulated chain was reset between tests"))
     sim.clients([{"id": CLIENT, "address": "f1ferrytestclientaaaaaaaaaaaaaaaaaaaaaaaa", "datacap": 64 * MiB,
                   "balance": str(10 * 10**18), "escrow": "0", "locked": "0"}])
 
