@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
+from sqlalchemy.orm import object_session
 
 from ferry.catalog import deals as catalog
 from ferry.catalog import jobs as job_catalog
@@ -34,16 +35,23 @@ from ferry.catalog.models import (
     LIVE_DEAL_STATES,
     OPEN_DEAL_STATES,
     Deal,
+    DealSchedule,
     DealState,
+    ItemAction,
     ItemState,
     Job,
+    JobItem,
     JobKind,
     Piece,
     PieceObject,
     Policy,
     Provider,
+    Replica,
+    ReplicaState,
+    StoredObject,
     utcnow,
 )
+from ferry.catalog.replicas import under_prefix
 from ferry.errors import (
     BackendUnavailable,
     FerryError,
@@ -51,6 +59,7 @@ from ferry.errors import (
     UnknownBackend,
 )
 from ferry.settings import BackendSpec, get_settings
+from tasks import jobs as job_tasks
 from tasks.app import app, backoff, queue_for
 from workers import registry
 from workers.commp import padded_piece_size
@@ -188,7 +197,6 @@ def _not_yet_dealt(entries: list[Entry], backend: str, copies: int, finish) -> l
     if not entries:
         return entries
     with transaction() as session:
-        from ferry.catalog.models import StoredObject
         ids = dict(session.execute(select(StoredObject.cid, StoredObject.id)
                                    .where(StoredObject.cid.in_([e.cid for e in entries]))).all())
         have = catalog.deal_copies_by_object(session, list(ids.values()), backend,
@@ -235,7 +243,6 @@ def _prepare(plan: Plan, name: str, config: FilecoinConfig, terms: Terms, group:
                             root_cid=group[0].cid, backend=name, path=str(final))
                 session.add(row)
                 session.flush()
-                from ferry.catalog.models import StoredObject
                 ids = session.execute(select(StoredObject.id).where(StoredObject.cid.in_([e.cid for e in group])))
                 session.add_all([PieceObject(piece_id=row.id, object_id=oid) for (oid,) in ids])
             elif row.path is None:
@@ -403,8 +410,6 @@ def _propose_one(deal_id: uuid.UUID, backend: str, config: FilecoinConfig, lotus
 
 def _reserved_datacap(session, deal: Deal) -> int:
     """Datacap promised to this client's verified deals not yet on chain."""
-    from sqlalchemy import func
-
     d, p = Deal.__table__.c, Piece.__table__.c
     q = (select(func.coalesce(func.sum(p.padded_size), 0)).select_from(Deal.__table__)
          .join(Piece.__table__, p.id == d.piece_id)
@@ -547,7 +552,8 @@ def _advance(deal: Deal, seen, lotus, head: int, client_id: str, config: Filecoi
             catalog.transition(deal, DealState.failed, f"chain deal {deal.chain_deal_id} was not activated by its "
                                                        "start epoch")
         return
-    if (chain.piece_cid, chain.provider, chain.padded_size) != (_piece_cid(deal), deal.provider, _padded(deal)) \
+    piece = object_session(deal).get(Piece, deal.piece_id)
+    if (chain.piece_cid, chain.provider, chain.padded_size) != (piece.piece_cid, deal.provider, piece.padded_size) \
             or chain.client not in (client_id, config.client):
         catalog.transition(deal, DealState.failed, f"chain deal {chain.deal_id} is not this proposal (piece "
                                                    f"{chain.piece_cid}, provider {chain.provider}, client {chain.client})")
@@ -566,18 +572,6 @@ def _advance(deal: Deal, seen, lotus, head: int, client_id: str, config: Filecoi
         catalog.transition(deal, DealState.expiring if renewing else DealState.active)
 
 
-def _piece_cid(deal: Deal) -> str:
-    from sqlalchemy.orm import object_session
-
-    return object_session(deal).get(Piece, deal.piece_id).piece_cid
-
-
-def _padded(deal: Deal) -> int:
-    from sqlalchemy.orm import object_session
-
-    return object_session(deal).get(Piece, deal.piece_id).padded_size
-
-
 # -- quotes ------------------------------------------------------------------------------
 
 
@@ -586,9 +580,6 @@ def quote(source_backend: str, keys: list[str] | None, prefix: str | None, backe
     """What deals of the selected objects would cost: the pieces they pack into, each
     eligible provider's price for them all, the `copies` cheapest-by-choice providers' total
     and the gas; nothing is proposed."""
-    from ferry.catalog.models import Replica, ReplicaState, StoredObject
-    from ferry.catalog.replicas import under_prefix
-
     _, backend = filecoin_backend(backend_name)
     if source_backend not in get_settings().backends():
         raise UnknownBackend(f"unknown backend {source_backend!r}", field="source.backend")
@@ -632,8 +623,6 @@ def quote(source_backend: str, keys: list[str] | None, prefix: str | None, backe
 def schedule_counts(session, name: str) -> tuple[int, int, int]:
     """(pending, made, padded bytes made) of a schedule's deals; made leaves out the
     rejected and failed ones, which stored nothing."""
-    from sqlalchemy import func
-
     d, p = Deal.__table__.c, Piece.__table__.c
     pending = session.execute(select(func.count()).select_from(Deal.__table__).where(
         d.schedule == name, d.state.in_([s.value for s in OPEN_DEAL_STATES]))).scalar_one()
@@ -647,7 +636,6 @@ def schedule_counts(session, name: str) -> tuple[int, int, int]:
 def run_schedules(now=None) -> dict[str, int]:
     """Run every schedule that is due and not paused: one deal job each, sized to the
     schedule's caps. Returns the deals each one asked for."""
-    from ferry.catalog.models import DealSchedule
     from policies.schema import Schedule
 
     now = now or utcnow()
@@ -671,16 +659,6 @@ def run_schedules(now=None) -> dict[str, int]:
 def _run_schedule(session, row) -> int:
     """One run: the objects under the schedule's prefix not yet in enough deals, packed,
     as many pieces as the caps allow, submitted as a deal job."""
-    from ferry.catalog.models import (
-        ItemAction,
-        JobItem,
-        Replica,
-        ReplicaState,
-        StoredObject,
-    )
-    from ferry.catalog.replicas import under_prefix
-    from tasks import jobs as job_tasks
-
     spec = row.spec
     _, backend = filecoin_backend(spec["backend"])
     config = backend.config

@@ -92,7 +92,7 @@ def transfer_items(self, job_id: str, spans: list[list[int]]) -> dict[str, int]:
     plan = _claim(uuid.UUID(job_id), [(lo, hi) for lo, hi in spans], settings.lease_seconds)
     if plan is None:
         return {"claimed": 0}
-    if plan.kind == JobKind.deal or all(i.action == ItemAction.deal for i in plan.items):
+    if all(i.action == ItemAction.deal for i in plan.items):
         from tasks import deals  # deal work is packed into pieces, a batch at a time
 
         return deals.run_batch(plan)

@@ -48,7 +48,7 @@ from ferry.errors import (
 )
 from workers.base import CHUNK_SIZE, Backend, DriverConfig, ObjectStat, check_prefix
 from workers.cid import check_cid
-from workers.gateway import GatewayConfig, GatewayRead
+from workers.gateway import GatewayBackend, GatewayConfig, GatewayRead
 
 GiB = 2**30
 EPOCH_SECONDS = 30
@@ -405,8 +405,6 @@ class FilecoinBackend(Backend):
         return GatewayRead(self._retrieval(cid), cid, chunk_size)
 
     def stat(self, key: str) -> ObjectStat:
-        from workers.gateway import GatewayBackend
-
         cid = check_cid(key)
         return GatewayBackend(self.name, self._retrieval(cid)).stat(cid)
 
