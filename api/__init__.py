@@ -21,7 +21,7 @@ MAX_BODY_BYTES = 32 * 2**20
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
-    from api import access, backends, deals, health, jobs, metrics, objects, policies
+    from api import access, backends, deals, health, jobs, metrics, objects, policies, search
     from ferry.catalog.db import transaction
     from ferry.catalog.replicas import sync_backends
     from ferry.settings import get_settings
@@ -33,7 +33,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.json.sort_keys = False
 
     for bp in (jobs.bp, objects.bp, backends.bp, policies.bp, policies.events_bp, health.bp, metrics.bp, deals.bp,
-               deals.providers_bp, deals.pieces_bp, deals.schedules_bp):
+               deals.providers_bp, deals.pieces_bp, deals.schedules_bp, search.bp):
         app.register_blueprint(bp)
     access.install(app)
 

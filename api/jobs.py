@@ -47,7 +47,7 @@ def authorize_job(kind: str, source: str, targets: list[str], keep_source: bool)
     require_backends(principal, "write", targets)
 
 
-@operation(bp, "", "POST", summary="Submit a migrate, replicate, verify or deal job", body=JobCreate,
+@operation(bp, "", "POST", summary="Submit a migrate, replicate, verify, deal or index job", body=JobCreate,
            responses={202: JobAccepted})
 def create(body: JobCreate):
     source = body.source.model_dump(exclude_none=True)
@@ -62,7 +62,7 @@ def create(body: JobCreate):
             raise InvalidRequest("deal terms apply to deal jobs only", field="deal")
         spec["deal"] = body.deal.model_dump(exclude_none=True)
     if body.tags:
-        if body.kind in ("verify", "deal"):
+        if body.kind in ("verify", "deal", "index"):
             raise InvalidRequest("tags apply to the objects a migrate or replicate job copies", field="tags")
         spec["tags"] = sorted(set(body.tags))
     authorize_job(body.kind, body.source.backend, [t.backend for t in body.targets], body.keep_source)

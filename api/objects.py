@@ -11,9 +11,9 @@ from sqlalchemy import update
 
 from api.access import current
 from api.openapi import operation
-from api.schemas import HoldUpdate, ObjectLabels, ObjectOut, ReplicaOut
+from api.schemas import HoldUpdate, ObjectLabels, ObjectOut, ObjectText, ReplicaOut
 from ferry.catalog.db import transaction
-from ferry.catalog.models import CheckResult, ReplicaState, StoredObject, utcnow
+from ferry.catalog.models import CheckResult, ReplicaState, SearchDocument, StoredObject, utcnow
 from ferry.catalog.replicas import Check, get_object, label_objects, record_checks
 from ferry.errors import BackendError, NotFound
 from ferry.security import Forbidden
@@ -91,6 +91,32 @@ def content(cid: str):
                         headers=headers)
     assert last_error is not None
     raise last_error
+
+
+@operation(bp, "/<cid>/text", "GET", summary="The text extracted from the object for search, and how it was made",
+           responses={200: ObjectText, 404: None})
+def text(cid: str):
+    with transaction() as session:
+        obj = get_object(session, cid)
+        holders = sorted({r.backend for r in obj.replicas if r.state == ReplicaState.present})
+        principal = current()
+        if not any(principal.may(b, "read") for b in holders):  # the text is content
+            raise Forbidden(f"permission read:{','.join(holders) or '*'} is needed: read is granted on no backend "
+                            f"holding object {cid}", details={"missing": f"read:{','.join(holders) or '*'}"})
+        doc = session.get(SearchDocument, obj.id)
+        if doc is None:
+            raise NotIndexed(f"object {cid} is not indexed: submit an index job, or apply a policy with "
+                             "`index: true` in its selector")
+        return jsonify(ObjectText(cid=cid, name=doc.name, title=doc.title, media_type=doc.media_type,
+                                  metadata_only=doc.metadata_only, truncated=doc.truncated, reason=doc.reason,
+                                  chunks=doc.chunks, model=doc.model, indexed_at=doc.indexed_at,
+                                  source_backend=doc.source_backend, text=doc.body).model_dump(mode="json"))
+
+
+class NotIndexed(NotFound):
+    """Raised when an object has no entry in the search indexes."""
+
+    code = "not_indexed"
 
 
 @operation(bp, "/<cid>/hold", "PUT", summary="Set or release the object's legal hold (blocks retention)",

@@ -95,9 +95,11 @@ class DealTerms(Strict):
 
 
 class JobCreate(Strict):
-    kind: Literal["migrate", "replicate", "verify", "deal"]
+    kind: Literal["migrate", "replicate", "verify", "deal", "index"]
     source: SourceSpec
-    targets: list[TargetSpec] = Field([], max_length=32, description="migrate/replicate: where to; verify: none")
+    targets: list[TargetSpec] = Field([], max_length=32,
+                                      description="migrate/replicate: where to; deal: the filecoin backend; "
+                                                  "verify, index: none")
     keep_source: bool = Field(False, description="migrate only: keep the source after the copy is verified")
     tags: list[str] = Field([], max_length=100, description="migrate/replicate: tags added to every object copied")
     sample: float | None = Field(None, gt=0, le=100,
@@ -583,3 +585,84 @@ class DealScheduleOut(BaseModel):
 
 class DealScheduleList(BaseModel):
     schedules: list[DealScheduleOut]
+
+
+MediaTypePattern = Annotated[str, Field(pattern=r"^[\w.+-]+/(\*|[\w.+-]+)$", max_length=255)]
+
+
+class SearchFilters(Strict):
+    """Every condition given must hold."""
+
+    tags: list[Annotated[str, Field(min_length=1, max_length=255)]] = Field(
+        [], max_length=50, description="the object has all these tags")
+    media_type: list[MediaTypePattern] = Field(
+        [], max_length=20, description='any of these media types, exact ("text/csv") or whole ("text/*")')
+    metadata: dict[Annotated[str, Field(min_length=1, max_length=255)], str | int | float | bool] = Field(
+        {}, max_length=50, description="each metadata key equals the value")
+    backend: list[Annotated[str, Field(min_length=1, max_length=63)]] = Field(
+        [], max_length=50, description="the object has a verified replica on one of these backends")
+    created_after: Instant | None = None
+    created_before: Instant | None = None
+    indexed_after: Instant | None = None
+    indexed_before: Instant | None = None
+
+
+class SearchRequest(Strict):
+    query: str = Field(min_length=1, max_length=1000, description=(
+        "web-search syntax: words are all required, \"a phrase\", `or`, -excluded (text and hybrid); "
+        "the whole query is embedded for vector search"))
+    mode: Literal["text", "vector", "hybrid"] = "hybrid"
+    filters: SearchFilters = Field(default_factory=SearchFilters)
+    limit: int = Field(10, ge=1, le=100)
+    offset: int = Field(0, ge=0, le=10_000)
+    weight: float = Field(0.5, ge=0, le=1, description=(
+        "hybrid: the vector ranking's share in reciprocal rank fusion (0: text only, 1: vector only)"))
+
+    @field_validator("query")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the query is blank")
+        return value
+
+
+class SearchHit(BaseModel):
+    cid: str
+    name: str | None
+    title: str | None
+    media_type: str
+    size: int
+    tags: list[str]
+    created_at: datetime
+    indexed_at: datetime
+    metadata_only: bool = Field(description="binary or unextractable content: found by name and metadata")
+    score: float = Field(description="text: ts_rank/BM25; vector: cosine; hybrid: fused reciprocal-rank score")
+    text_rank: int | None = Field(None, description="rank in the full-text results (1 = best)")
+    vector_rank: int | None = Field(None, description="rank in the vector results (1 = best)")
+    snippet: str = Field(description="the best chunk, HTML-escaped, matches in <mark>")
+    chunk: int | None = Field(None, description="id of the chunk shown")
+
+
+class SearchResponse(BaseModel):
+    query: str
+    mode: str
+    hits: list[SearchHit]
+    offset: int
+    next_offset: int | None = Field(None, description="offset of the next page; absent on the last")
+    took_ms: float
+    vector_generation: int | None = Field(None, description="the vector index snapshot searched")
+
+
+class ObjectText(BaseModel):
+    cid: str
+    name: str | None
+    title: str | None
+    media_type: str
+    metadata_only: bool
+    truncated: bool
+    reason: str | None = Field(None, description="why the text is metadata only or truncated")
+    chunks: int
+    model: str
+    indexed_at: datetime
+    source_backend: str | None
+    text: str

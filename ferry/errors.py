@@ -142,3 +142,11 @@ class ServiceDiscontinued(ReadOnlyBackend):
 
     code = "service_discontinued"
     status = 410
+
+
+class SearchUnavailable(FerryError):
+    """Raised when vector search or indexing needs what this process lacks: the search extra
+    (sentence-transformers, FAISS) or the embedding model on disk."""
+
+    code = "search_unavailable"
+    status = 503

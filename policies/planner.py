@@ -43,6 +43,7 @@ from ferry.catalog.models import (
     BROKEN_REPLICA_STATES,
     LIVE_DEAL_STATES,
     OPEN_DEAL_STATES,
+    SEARCH_INDEX,
     Deal,
     ItemAction,
     ItemState,
@@ -50,6 +51,7 @@ from ferry.catalog.models import (
     PieceObject,
     Replica,
     ReplicaState,
+    SearchDocument,
     StoredObject,
 )
 from ferry.settings import get_settings
@@ -238,6 +240,24 @@ class PolicyQueries:
             .select_from(m.join(src, and_(src.c.object_id == m.c.id, src.c.pref == 1))
                          .outerjoin(dealt, dealt.c.object_id == m.c.id))
             .where(func.coalesce(dealt.c.n, 0) < f.copies, ~_blocked(m.c.id, literal(f.backend)))
+        )
+
+    def indexing(self, lo: int, hi: int) -> Select | None:
+        """Index work (`index: true` in the selector) for matched objects with a verified
+        replica and no search entry, or one made from labels that have changed since."""
+        if not self.policy.selector.index:
+            return None
+        m = self.matched(lo, hi, *self._not_expired())
+        doc = SearchDocument.__table__.c
+        src = _best_source(m.c.id)
+        return (
+            select(literal(ItemAction.index.value).label("action"), m.c.id.label("object_id"), m.c.size,
+                   literal(SEARCH_INDEX).label("dest_backend"), src.c.key.label("dest_key"),
+                   src.c.backend.label("source_backend"), src.c.key.label("source_key"),
+                   literal("index").label("reason"))
+            .select_from(m.join(src, and_(src.c.object_id == m.c.id, src.c.pref == 1))
+                         .outerjoin(SearchDocument.__table__, doc.object_id == m.c.id))
+            .where(or_(doc.object_id.is_(None), doc.stale), ~_blocked(m.c.id, literal(SEARCH_INDEX)))
         )
 
     def verifications(self, lo: int, hi: int) -> Select | None:

@@ -251,7 +251,8 @@ class Selector(_Model):
     """Each key equals the value."""
     age: AgeRange | None = None
     index: bool = False
-    """Reserved for search."""
+    """Keep the selected objects in the search indexes: each pass has objects indexed that
+    have no entry yet, or whose tags or metadata changed since (index items of its pass)."""
 
     @field_validator("tags")
     @classmethod
@@ -458,9 +459,9 @@ class Policy(_Model):
         if self.transitions and self.placement is None:
             raise InvalidPolicy("transitions change a placement: give a placement too", field="placement")
         if self.placement is None and self.retention is None and self.verification is None \
-                and self.filecoin is None:
-            raise InvalidPolicy("the policy does nothing: give a placement, a retention, a verification or "
-                                "filecoin copies", field="placement")
+                and self.filecoin is None and not self.selector.index:
+            raise InvalidPolicy("the policy does nothing: give a placement, a retention, a verification, "
+                                "filecoin copies or `index: true` in the selector", field="placement")
         for i, (before, later) in enumerate(pairwise(self.transitions), start=1):
             if later.after <= before.after:
                 raise InvalidPolicy(f"after ({format_duration(later.after)}) must be later than the previous "

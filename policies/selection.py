@@ -24,9 +24,9 @@ from sqlalchemy import (
     true,
     union_all,
 )
-from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.sql import Subquery
 
+from ferry.catalog.filters import has_metadata, has_tags, media_type_is
 from ferry.catalog.models import Replica, StoredObject
 from ferry.catalog.replicas import under_prefix
 from policies.schema import LabelExpr, Policy
@@ -40,20 +40,9 @@ def matches(policy: Policy, dialect: str, now: datetime) -> ColumnElement[bool]:
     s = policy.selector
     clauses: list[ColumnElement[bool]] = []
     if s.tags:
-        if dialect == "postgresql":
-            clauses.append(OBJ.tags.op("@>")(literal(sorted(s.tags), JSONB)))
-        else:
-            for tag in s.tags:
-                each = func.json_each(OBJ.tags).table_valued("value")
-                clauses.append(exists(select(1).select_from(each).where(each.c.value == tag)))
+        clauses.append(has_tags(dialect, s.tags))
     if s.metadata:
-        if dialect == "postgresql":
-            clauses.append(OBJ.metadata.op("@>")(literal(dict(s.metadata), JSONB)))
-        else:
-            for key, value in s.metadata.items():
-                path = '$."' + key.replace('"', '\\"') + '"'
-                want: Any = int(value) if isinstance(value, bool) else value
-                clauses.append(func.json_extract(OBJ.metadata, path) == want)
+        clauses.append(has_metadata(dialect, s.metadata))
     if s.backend is not None or s.prefix:
         # Where the object is or was stored: a policy keeps governing what it moved away.
         where = [REP.object_id == OBJ.id]
@@ -68,11 +57,7 @@ def matches(policy: Policy, dialect: str, now: datetime) -> ColumnElement[bool]:
         if s.size.max is not None:
             clauses.append(OBJ.size <= s.size.max)
     if s.media_type:
-        if s.media_type.endswith("/*"):
-            whole_type = s.media_type[:-1]  # "text/"
-            clauses.append(func.substr(OBJ.media_type, 1, len(whole_type)) == whole_type)
-        else:
-            clauses.append(OBJ.media_type == s.media_type)
+        clauses.append(media_type_is(s.media_type))
     if s.age is not None:
         if s.age.min is not None:
             clauses.append(OBJ.created_at <= now - s.age.min)

@@ -15,13 +15,17 @@ from celery import Celery, signals
 from kombu import Exchange, Queue
 
 from ferry.catalog.jobs import Batch
+from ferry.catalog.models import SEARCH_INDEX
 from ferry.settings import Settings, get_settings
 
 CONTROL_QUEUE = "ferry.control"
+# Indexing for search: its own workers (they hold the embedding model), scaled on their own.
+INDEX_QUEUE = "index"
 
 
 def queue_for(backend: str) -> str:
-    return f"backend.{backend}"
+    """The queue of a backend's work; index work (destination SEARCH_INDEX) has its own."""
+    return INDEX_QUEUE if backend == SEARCH_INDEX else f"backend.{backend}"
 
 
 def _queue(name: str) -> Queue:
@@ -47,7 +51,8 @@ def make_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     settings.data_path.mkdir(parents=True, exist_ok=True)  # beat keeps its schedule here
     backends = settings.backends()
-    app = Celery("ferry", include=["tasks.jobs", "tasks.transfer", "tasks.reconcile", "tasks.deals"])
+    app = Celery("ferry", include=["tasks.jobs", "tasks.transfer", "tasks.reconcile", "tasks.deals",
+                                    "tasks.index"])
     app.conf.update(
         broker_url=settings.broker,
         broker_transport_options=broker_options(settings),
@@ -61,8 +66,9 @@ def make_app(settings: Settings | None = None) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         task_default_queue=CONTROL_QUEUE,
-        task_queues=[_queue(CONTROL_QUEUE)] + [_queue(queue_for(name)) for name in backends],
-        task_routes={"ferry.reconcile": {"queue": CONTROL_QUEUE}, "ferry.deals.track": {"queue": CONTROL_QUEUE}},
+        task_queues=[_queue(CONTROL_QUEUE), _queue(INDEX_QUEUE)] + [_queue(queue_for(name)) for name in backends],
+        task_routes={"ferry.reconcile": {"queue": CONTROL_QUEUE}, "ferry.deals.track": {"queue": CONTROL_QUEUE},
+                     "ferry.index.publish": {"queue": INDEX_QUEUE}},
         worker_send_task_events=True,
         task_send_sent_event=True,
         beat_schedule={
@@ -73,6 +79,10 @@ def make_app(settings: Settings | None = None) -> Celery:
             # queue does it (ferry.deals.track fans out).
             "deals": {"task": "ferry.deals.track", "schedule": settings.deal_track_seconds,
                       "options": {"expires": settings.deal_track_seconds}},
+            # Index workers publish the vector index after each batch; this catches up on
+            # removals (and is a no-op where nothing was ever indexed).
+            "search": {"task": "ferry.index.publish", "schedule": settings.search_publish_seconds,
+                       "options": {"expires": settings.search_publish_seconds}},
         },
         beat_schedule_filename=str(settings.data_path / "celerybeat-schedule"),
     )

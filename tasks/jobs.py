@@ -19,6 +19,7 @@ from sqlalchemy import select
 from ferry.catalog import jobs as catalog
 from ferry.catalog.db import after_commit, transaction
 from ferry.catalog.models import (
+    SEARCH_INDEX,
     ItemAction,
     Job,
     JobKind,
@@ -76,6 +77,8 @@ class JobRequest:
         if self.kind == JobKind.verify:
             return [catalog.NewItem(key, self.source_backend, key, size, action=ItemAction.verify)
                     for key, size in keys if self.sampled(key)]
+        if self.kind == JobKind.index:  # into the search indexes, on the index queue
+            return [catalog.NewItem(key, SEARCH_INDEX, key, size, action=ItemAction.index) for key, size in keys]
         if self.kind == JobKind.deal:  # the CID is filled in from the catalog when packed
             return [catalog.NewItem(key, t.backend, "", size, action=ItemAction.deal)
                     for t in self.targets for key, size in keys]
@@ -99,9 +102,13 @@ def validate(request: JobRequest) -> None:
     backends = get_settings().backends()
     if request.source_backend not in backends:
         raise UnknownBackend(f"unknown backend {request.source_backend!r}", field="source.backend")
-    if request.kind == JobKind.verify:
+    if request.kind in (JobKind.verify, JobKind.index):
         if request.targets:
-            raise InvalidRequest("a verify job checks replicas where they are: it has no targets", field="targets")
+            what = "checks replicas where they are" if request.kind == JobKind.verify else \
+                "reads objects from their verified replicas into the search indexes"
+            raise InvalidRequest(f"a {request.kind.value} job {what}: it has no targets", field="targets")
+        if request.kind == JobKind.index and request.sample is not None:
+            raise InvalidRequest("sample applies to verify jobs only", field="sample")
         if request.keep_source:
             raise InvalidRequest("keep_source applies to migrate jobs only", field="keep_source")
     elif request.sample is not None:
@@ -219,10 +226,10 @@ def expand(self, job_id: str) -> dict:
         if spec is None:
             raise UnknownBackend(f"backend {request.source_backend!r} is no longer configured")
         # A verify job checks what the catalog says is there (so a vanished object is found
-        # missing), a deal job packs what the catalog knows by CID; others take what the
+        # missing), deal and index jobs take what the catalog knows; others take what the
         # source lists.
         listing = (_catalogued(request.source_backend, request.prefix or "")
-                   if request.kind in (JobKind.verify, JobKind.deal)
+                   if request.kind in (JobKind.verify, JobKind.deal, JobKind.index)
                    else registry.get(spec).list(request.prefix or ""))
         seq = 0
         page = []

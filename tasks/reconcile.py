@@ -36,6 +36,7 @@ from ferry.catalog import policies as stored
 from ferry.catalog.db import after_commit, transaction
 from ferry.catalog.models import (
     OPEN_ITEM_STATES,
+    SEARCH_INDEX,
     JobItem,
     JobKind,
     StoredObject,
@@ -92,6 +93,7 @@ def run_pass(now: datetime | None = None) -> dict[str, Any]:
                     work.take([d for d in deletes if (d.object_id, d.dest_backend) not in keep])
                     work.take(planner.rows(session, q.verifications(start, end), limit=work.room(), policy=name))
                     work.take(planner.rows(session, q.deals(start, end), limit=work.room(), policy=name))
+                    work.take(planner.rows(session, q.indexing(start, end), limit=work.room(), policy=name))
             for q in waiting:  # outside a cron/interval window, objects below `min` are still brought up to it
                 if q.policy.name in work.failed:
                     continue
@@ -177,8 +179,10 @@ def _budgets(session: Session, settings: Any) -> dict[str, int]:
     busy = dict(session.execute(
         select(JobItem.dest_backend, func.count()).where(JobItem.state.in_(OPEN_ITEM_STATES))
         .group_by(JobItem.dest_backend)).all())
-    return {name: (spec.max_in_flight or settings.max_in_flight) - busy.get(name, 0)
-            for name, spec in settings.backends().items()}
+    budgets = {name: (spec.max_in_flight or settings.max_in_flight) - busy.get(name, 0)
+               for name, spec in settings.backends().items()}
+    budgets[SEARCH_INDEX] = settings.max_in_flight - busy.get(SEARCH_INDEX, 0)  # the index queue's
+    return budgets
 
 
 def _open_items_by_policy(session: Session) -> dict[str, int]:

@@ -96,7 +96,12 @@ def transfer_items(self, job_id: str, spans: list[list[int]]) -> dict[str, int]:
         from tasks import deals  # deal work is packed into pieces, a batch at a time
 
         return deals.run_batch(plan)
-    run = _BatchRun(plan, settings.max_attempts, settings.item_threads)
+    if all(i.action == ItemAction.index for i in plan.items):
+        from tasks.index import IndexRun  # text extracted and embedded a group at a time
+
+        run: _BatchRun | IndexRun = IndexRun(plan, settings)
+    else:
+        run = _BatchRun(plan, settings.max_attempts, settings.item_threads)
     with _Heartbeat(plan.job_id, run, settings.lease_seconds):
         run.run()
     if run.retry_seqs:

@@ -17,6 +17,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     TypeDecorator,
@@ -24,7 +25,7 @@ from sqlalchemy import (
     Uuid,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import JSONB, TSVECTOR
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # Tags and metadata are matched by policies: JSONB on Postgres gives containment (@>).
@@ -82,6 +83,7 @@ class JobKind(enum.StrEnum):
     verify = "verify"          # re-hash replicas under a prefix (on demand)
     reconcile = "reconcile"    # the work one reconcile pass found missing (policies, healing)
     deal = "deal"              # pack objects into pieces and make Filecoin storage deals of them
+    index = "index"            # extract objects' text into the full-text and vector indexes
 
 
 class JobState(enum.StrEnum):
@@ -117,6 +119,7 @@ class ItemAction(enum.StrEnum):
     delete = "delete"        # remove the replica at dest
     verify = "verify"        # re-read and re-hash the replica at dest
     deal = "deal"            # pack the object into a piece for Filecoin deals made by dest
+    index = "index"          # extract the object's text and embed it (on the `index` queue)
 
 
 class CheckResult(enum.StrEnum):
@@ -126,6 +129,10 @@ class CheckResult(enum.StrEnum):
 
 
 OPEN_ITEM_STATES = (ItemState.queued, ItemState.running)
+
+# The destination of index items: the search indexes. Not a backend (no backend name can
+# start with "@"); their work goes to the `index` queue.
+SEARCH_INDEX = "@search"
 
 
 def _enum(cls: type[enum.Enum], name: str) -> Enum:
@@ -494,4 +501,64 @@ class DealSchedule(Base):
     last_run_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class SearchDocument(Base):
+    """An object's entry in the search indexes: the text extracted from it and how.
+    `fingerprint` covers everything the entry was made from (content, name, tags, metadata,
+    extractor, model, chunking): indexing an object whose fingerprint is unchanged does
+    nothing. `stale` is set when the object's labels change, for the reconcile pass."""
+
+    __tablename__ = "search_documents"
+
+    object_id: Mapped[int] = mapped_column(ForeignKey("objects.id", ondelete="CASCADE"), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    stale: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    name: Mapped[str | None] = mapped_column(String(1024))
+    title: Mapped[str | None] = mapped_column(Text)
+    media_type: Mapped[str] = mapped_column(String(255))
+    metadata_only: Mapped[bool] = mapped_column(Boolean, default=False)
+    truncated: Mapped[bool] = mapped_column(Boolean, default=False)
+    reason: Mapped[str | None] = mapped_column(Text)
+    body: Mapped[str] = mapped_column(Text)       # the extracted text, as chunked
+    chunks: Mapped[int] = mapped_column(Integer)
+    model: Mapped[str] = mapped_column(String(255))
+    source_backend: Mapped[str | None] = mapped_column(String(63))  # the replica it was read from
+    indexed_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+
+
+class SearchChunk(Base):
+    """A stretch of a document's text: its full-text vector (Postgres; FTS5's `search_fts`
+    on SQLite, kept by triggers) and its embedding. The id is the vector's id in the FAISS
+    index and is never reused (Postgres identity; AUTOINCREMENT on SQLite), so a snapshot
+    can never map an old vector to a new chunk."""
+
+    __tablename__ = "search_chunks"
+    __table_args__ = (
+        Index("ix_search_chunks_tsv", "tsv", postgresql_using="gin"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    object_id: Mapped[int] = mapped_column(ForeignKey("objects.id", ondelete="CASCADE"), index=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    body: Mapped[str] = mapped_column(Text)
+    # float32 little-endian, normalised (inner product = cosine)
+    embedding: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # Weighted: name/title A, tags B, metadata and body C. Always NULL on SQLite.
+    tsv: Mapped[Any] = mapped_column(TSVECTOR().with_variant(Text(), "sqlite"), nullable=True)
+
+
+class SearchIndexState(Base):
+    """The vector index's latest snapshot: processes holding an older generation reload."""
+
+    __tablename__ = "search_index_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)  # always 1
+    generation: Mapped[int] = mapped_column(BigInteger, default=0)
+    snapshot: Mapped[str | None] = mapped_column(String(255))  # file name in FERRY_SEARCH_DIR
+    vectors: Mapped[int] = mapped_column(Integer, default=0)
+    dim: Mapped[int | None] = mapped_column(Integer)
+    model: Mapped[str | None] = mapped_column(String(255))
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

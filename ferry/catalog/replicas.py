@@ -21,6 +21,7 @@ from ferry.catalog.models import (
     utcnow,
 )
 from ferry.errors import ObjectNotFound
+from ferry.search import store as search_store
 from ferry.settings import BackendSpec
 
 
@@ -121,6 +122,7 @@ def record(session: Session, facts: Sequence[ReplicaFact]) -> dict[str, int]:
             {"backends": [f.backend for f in facts], "keys": [f.key for f in facts],
              "states": [ReplicaState(f.state).value for f in facts], "objects": [ids[f.cid] for f in facts],
              "errors": [f.error for f in facts], "verified": [f.verified for f in facts], "now": now})
+        _unindex_removed(session, {ids[f.cid] for f in facts if f.state == ReplicaState.gone})
         return ids
     stmt = dialect_insert(session, Replica.__table__)
     stmt = stmt.on_conflict_do_update(
@@ -132,7 +134,18 @@ def record(session: Session, facts: Sequence[ReplicaFact]) -> dict[str, int]:
     session.execute(stmt, [{"backend": f.backend, "key": f.key, "state": f.state, "object_id": ids[f.cid],
                             "last_error": f.error, "updated_at": now, "created_at": now,
                             "verified_at": now if f.verified else None} for f in facts])
+    _unindex_removed(session, {ids[f.cid] for f in facts if f.state == ReplicaState.gone})
     return ids
+
+
+def _unindex_removed(session: Session, object_ids: set[int]) -> None:
+    """Objects whose last replica is gone (deleted on purpose) leave the search indexes."""
+    if not object_ids:
+        return
+    r = Replica.__table__.c
+    kept = set(session.scalars(select(r.object_id).where(
+        r.object_id.in_(object_ids), r.state.not_in([ReplicaState.gone, ReplicaState.deleting]))))
+    search_store.remove(session, object_ids - kept)
 
 
 def _postgres(session: Session) -> bool:
@@ -256,6 +269,7 @@ def label_objects(session: Session, object_ids: Iterable[int], *, tags: Sequence
                 values["media_type"] = media_type
             session.connection().execute(update(StoredObject.__table__).where(t.id == bindparam("b_id"))
                                          .values(**values), changes)
+    search_store.mark_stale(session, ids)  # their search entries were made from the old labels
 
 
 def under_prefix(column: Any, prefix: str) -> Any:

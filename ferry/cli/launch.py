@@ -38,7 +38,7 @@ def beat_command(settings: Settings, loglevel: str = "INFO") -> list[str]:
 
 
 def all_queues(settings: Settings) -> list[str]:
-    return ["ferry.control"] + [f"backend.{name}" for name in settings.backends()]
+    return ["ferry.control", "index"] + [f"backend.{name}" for name in settings.backends()]
 
 
 class ProcessFailed(RuntimeError):

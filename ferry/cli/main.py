@@ -432,3 +432,4 @@ def beat() -> None:
 from ferry.cli import admin as _admin_commands  # noqa: E402, F401
 from ferry.cli import policy as _policy_commands  # noqa: E402, F401
 from ferry.cli import deal as _deal_commands  # noqa: E402, F401
+from ferry.cli import search as _search_commands  # noqa: E402, F401

@@ -41,6 +41,7 @@ from api import (  # noqa: F401  (register)
     objects,
     openapi,
     policies,
+    search,
 )
 from api.schemas import ErrorBody
 from ferry.catalog.db import transaction
@@ -78,6 +79,7 @@ BODY_EXAMPLES = {
     "HoldUpdate": {"hold": False},
     "QuoteRequest": {"source": {"backend": "local", "prefix": "fuzz-"}, "backend": "filecoin", "deal": {"copies": 1}},
     "ProviderIn": {"id": "f0999", "region": "fuzz", "price": 1, "verified_price": 0},
+    "SearchRequest": {"query": "fuzz shared object", "mode": "text", "filters": {"tags": ["fuzz"]}, "limit": 5},
     "DealScheduleIn": {"name": "fuzz-made", "source": {"backend": "local", "prefix": "fuzz-none/"},
                        "backend": "filecoin", "schedule": {"every": "1h"}, "deals_per_run": 1, "paused": True},
 }

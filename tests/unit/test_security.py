@@ -17,7 +17,18 @@ import pytest
 import yaml
 from sqlalchemy import select, text
 
-from api import access, backends, create_app, deals, health, jobs, metrics, objects, policies  # noqa: F401  (register)
+from api import (  # noqa: F401  (register)
+    access,
+    backends,
+    create_app,
+    deals,
+    health,
+    jobs,
+    metrics,
+    objects,
+    policies,
+    search,
+)
 from api.openapi import OPERATIONS
 from ferry.catalog.db import transaction
 from ferry.catalog.models import (
@@ -134,6 +145,7 @@ def sample(op, world: dict, revocable: str) -> tuple[str, dict]:
             "backends.check": {"driver": "s3", "settings": {"bucket": "b", "endpoint_url": "http://169.254.169.254"}},
             "deals.quote": {"source": {"backend": "local", "prefix": f"{PREFIX}/"}, "backend": "filecoin"},
             "providers.put_provider": {"id": world["provider_id"], "region": "matrix"},
+            "search.query": {"query": "matrix object", "mode": "text"},
             "schedules.put_schedule": {"name": f"{PREFIX}-made", "source": {"backend": "local", "prefix": "x/"},
                                        "backend": "archive", "schedule": {"every": "1h"}},
         }[op.endpoint]
@@ -144,7 +156,7 @@ def sample(op, world: dict, revocable: str) -> tuple[str, dict]:
 NEEDS_WRITE = {"jobs.create", "jobs.cancel", "policies.apply", "policies.delete", "policies.run", "policies.retry",
                "deals.retry", "schedules.put_schedule", "schedules.pause_schedule", "schedules.resume_schedule",
                "schedules.delete_schedule"}
-NEEDS_READ = {"objects.content", "deals.quote"}
+NEEDS_READ = {"objects.content", "objects.text", "deals.quote"}
 # Public, but behind its own credential: a piece opens to its deal's token, never to an API key.
 OWN_TOKEN = {"pieces.piece"}
 ROLE = {"admin": Role.admin, "operator granted": Role.operator, "operator ungranted": Role.operator,

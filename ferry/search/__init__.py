@@ -1,0 +1,1 @@
+"""Content search: text extraction, chunking and embeddings, the vector index, and queries."""
