@@ -43,17 +43,17 @@ def has_metadata(dialect: str, metadata: Mapping[str, Any]) -> ColumnElement[boo
     return and_(*clauses)
 
 
-def media_type_is(pattern: str) -> ColumnElement[bool]:
+def media_type_is(pattern: str, column: Any = OBJ.media_type) -> ColumnElement[bool]:
     """Exact ("text/csv") or a whole type ("text/*")."""
     if pattern.endswith("/*"):
         whole_type = pattern[:-1]  # "text/"
-        return func.substr(OBJ.media_type, 1, len(whole_type)) == whole_type
-    return OBJ.media_type == pattern
+        return func.substr(column, 1, len(whole_type)) == whole_type
+    return column == pattern
 
 
-def media_type_in(patterns: Iterable[str]) -> ColumnElement[bool]:
+def media_type_in(patterns: Iterable[str], column: Any = OBJ.media_type) -> ColumnElement[bool]:
     patterns = list(patterns)
-    return or_(*(media_type_is(p) for p in patterns)) if patterns else true()
+    return or_(*(media_type_is(p, column) for p in patterns)) if patterns else true()
 
 
 def stored_on(backends: Iterable[str]) -> ColumnElement[bool]:

@@ -56,8 +56,9 @@ class Filters:
     indexed_before: datetime | None = None
 
     def clause(self, dialect: str) -> ColumnElement[bool]:
+        # The media type as indexing found it (declared, else detected), not only as declared.
         clauses: list[ColumnElement[bool]] = [has_tags(dialect, self.tags), has_metadata(dialect, self.metadata),
-                                              media_type_in(self.media_types)]
+                                              media_type_in(self.media_types, DOC.media_type)]
         if self.backends:
             clauses.append(stored_on(self.backends))
         if self.readable is not None:
@@ -155,10 +156,14 @@ def text_ranking(session: Session, q: str, filters: Filters, k: int) -> list[Hit
         fts_q = fts5_query(q)
         if fts_q is None:
             return []
-        score = -func.bm25(literal_column("search_fts"), 10.0, 4.0, 1.0, 1.0)
-        match = FTS.c.search_fts.op("MATCH")(fts_q)
-        base = _joined(select(CHUNK.object_id, CHUNK.id.label("chunk"), score.label("score")).select_from(FTS)
-                       .join(SearchChunk.__table__, CHUNK.id == FTS.c.rowid))
+        # bm25() only works in the query that does the MATCH: score there, rank outside.
+        matched = (select(FTS.c.rowid.label("id"), (-func.bm25(literal_column("search_fts"), 10.0, 4.0, 1.0, 1.0))
+                          .label("score"))
+                   .where(FTS.c.search_fts.op("MATCH")(fts_q)).cte("fts_hits").prefix_with("MATERIALIZED"))
+        score = matched.c.score
+        match = true()
+        base = _joined(select(CHUNK.object_id, CHUNK.id.label("chunk"), score.label("score")).select_from(matched)
+                       .join(SearchChunk.__table__, CHUNK.id == matched.c.id))
     ranked = base.where(match, filters.clause(dialect)).add_columns(
         func.row_number().over(partition_by=CHUNK.object_id, order_by=score.desc()).label("n")).subquery()
     rows = session.execute(select(ranked.c.object_id, ranked.c.chunk, ranked.c.score).where(ranked.c.n == 1)

@@ -1,0 +1,126 @@
+"""Search on the embedded SQLite catalog: FTS5 behaves as Postgres full-text does (same
+query syntax, ranking by weighted BM25, highlighted snippets), vectors and hybrid work the
+same, chunk ids are never reused, and deleting an object (also by cascade) leaves no hits."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import delete, func, select, text
+from sqlalchemy.orm import Session
+
+from ferry.catalog.db import engine_for
+from ferry.catalog.migrate import upgrade
+from ferry.catalog.models import SearchChunk, StoredObject
+from ferry.search import embed, extract, query, store, vectors
+from ferry.settings import get_settings
+from tests.fixtures import corpus
+
+QUERIES = 4  # of each kind: their answers and a few dozen other documents are indexed
+
+
+def _slice() -> list[corpus.Doc]:
+    docs = corpus.documents()
+    wanted: set[str] = set()
+    for kind in ("lexical", "semantic"):
+        for q in [q for q in corpus.queries() if q.kind == kind][:QUERIES]:
+            wanted |= q.relevant
+    others = [d for d in docs if d.key not in wanted][:40]
+    return [d for d in docs if d.key in wanted] + others
+
+
+@pytest.fixture(scope="module")
+def sqlite_catalog(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sqlite-search")
+    url = f"sqlite:///{folder / 'c.db'}"
+    upgrade(url)
+    engine = engine_for(url)
+    model = embed.embedder()
+    docs = _slice()
+    with Session(engine) as s, s.begin():
+        ids = {}
+        for i, d in enumerate(docs):
+            obj = StoredObject(cid=f"bafkqtest{i:04d}", sha256=f"{i:064x}", size=len(d.body), tags=list(d.tags))
+            s.add(obj)
+            s.flush()
+            ids[d.key] = obj.id
+        entries = []
+        for d in docs:
+            got = extract.extract(d.body, name=d.key)
+            chunks = embed.chunk(got.text, words=160, overlap=32)
+            vecs = model.encode(chunks)
+            entries.append(store.Entry(ids[d.key], "fp", d.key, got.title, got.media_type, got.metadata_only,
+                                       got.truncated, got.reason, got.text, sorted(d.tags), "", chunks,
+                                       [v.tobytes() for v in vecs], model.name, "local"))
+        store.replace(s, entries)
+    return engine, ids, {d.key for d in docs}
+
+
+def _answerable(kind: str, keys: set[str]) -> list[corpus.Query]:
+    return [q for q in corpus.queries() if q.kind == kind and q.relevant <= keys]
+
+
+def _names(session: Session, q: str, mode: str, **kw) -> list[str]:
+    return [h.row["name"] for h in query.search(session, q, mode=mode, limit=10, **kw).hits]
+
+
+def test_fts5_full_text_finds_rare_terms_ranks_and_highlights(sqlite_catalog):
+    engine, _, keys = sqlite_catalog
+    lexical = _answerable("lexical", keys)
+    assert lexical, "the corpus slice answers no lexical query"
+    with Session(engine) as s:
+        for q in lexical:
+            got = _names(s, q.text, "text")
+            assert q.relevant <= set(got), (q.text, got)
+        q = lexical[0]
+        hit = query.search(s, q.text, mode="text").hits[0]
+        assert "<mark>" in hit.row["snippet"]
+        assert _names(s, f"{q.text} -{q.text.split()[0]}", "text") == []   # excluded
+        assert _names(s, "the of and", "text") == []                      # only stop words
+
+
+def test_vector_and_hybrid_on_sqlite(sqlite_catalog, tmp_path, monkeypatch):
+    engine, _, keys = sqlite_catalog
+    monkeypatch.setattr(get_settings(), "search_dir", tmp_path)
+    monkeypatch.setattr(vectors, "shared", vectors.SharedIndex())
+    model = embed.embedder()
+    with Session(engine) as s, s.begin():
+        vectors._worker_index = None
+        st = vectors.publish(s, dim=model.dim, model=model.name)
+        assert st.vectors == s.scalar(select(func.count()).select_from(SearchChunk))
+    semantic = _answerable("semantic", keys)
+    assert semantic
+    with Session(engine) as s:
+        for q in semantic:
+            got = _names(s, q.text, "vector")
+            assert len(q.relevant & set(got)) / len(q.relevant) >= 0.5, (q.text, got)
+            assert len(q.relevant & set(_names(s, q.text, "hybrid"))) >= 1
+        tag = "review"
+        hits = query.search(s, "notes", mode="vector", filters=query.Filters(tags=[tag]), limit=50).hits
+        assert hits and all(tag in h.row["tags"] for h in hits)
+
+
+def test_deleting_objects_leaves_no_rows_or_hits_and_ids_are_never_reused(sqlite_catalog):
+    engine, ids, keys = sqlite_catalog
+    q = _answerable("lexical", keys)[0]
+    victim = sorted(q.relevant)[0]
+    with Session(engine) as s, s.begin():
+        top = s.scalar(select(func.max(SearchChunk.id)))
+        last_owner = s.scalar(select(SearchChunk.object_id).where(SearchChunk.id == top))
+        fts_before = s.scalar(text("SELECT count(*) FROM search_fts"))
+        # By cascade from the object row: the FTS5 trigger fires for cascaded deletes too.
+        gone = s.scalar(select(func.count()).select_from(SearchChunk).where(
+            SearchChunk.object_id.in_([ids[victim], last_owner])))
+        s.execute(delete(StoredObject).where(StoredObject.id.in_([ids[victim], last_owner])))
+    with Session(engine) as s, s.begin():
+        assert s.scalar(text("SELECT count(*) FROM search_fts")) == fts_before - gone
+        assert victim not in _names(s, q.text, "text")
+        assert victim not in _names(s, q.text, "vector")
+        obj = StoredObject(cid="bafkqnew", sha256="f" * 64, size=1)
+        s.add(obj)
+        s.flush()
+        model = embed.embedder()
+        store.replace(s, [store.Entry(obj.id, "fp", "new.txt", None, "text/plain", False, False, None, "fresh words",
+                                      [], "", ["fresh words"], [model.encode(["fresh words"])[0].tobytes()],
+                                      model.name, None)])
+        new_id = s.scalar(select(SearchChunk.id).where(SearchChunk.object_id == obj.id))
+        assert new_id > top  # AUTOINCREMENT: the deleted top id is not handed out again
