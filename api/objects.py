@@ -1,23 +1,25 @@
 """/v1/objects: an object by CID with its replicas; its content, streamed from the best
 verified replica and checked while it streams (a read is an access, for age-based
-transitions); its legal hold."""
+transitions); its legal hold and labels; its deletion from every backend; the text
+extracted from it for search."""
 
 from __future__ import annotations
 
 import logging
 
-from flask import Blueprint, Response, jsonify, stream_with_context
+from flask import Blueprint, Response, jsonify, stream_with_context, url_for
 from sqlalchemy import update
 
-from api.access import current
+from api.access import current, note
 from api.openapi import operation
-from api.schemas import HoldUpdate, ObjectLabels, ObjectOut, ObjectText, ReplicaOut
+from api.schemas import HoldUpdate, JobAccepted, ObjectLabels, ObjectOut, ObjectText, ReplicaOut
 from ferry.catalog.db import transaction
 from ferry.catalog.models import CheckResult, ReplicaState, SearchDocument, StoredObject, utcnow
 from ferry.catalog.replicas import Check, get_object, label_objects, record_checks
 from ferry.errors import BackendError, NotFound
-from ferry.security import Forbidden
+from ferry.security import Forbidden, require_backends
 from ferry.settings import get_settings
+from tasks import jobs as job_tasks
 from workers import registry, transfer
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,22 @@ def content(cid: str):
                         headers=headers)
     assert last_error is not None
     raise last_error
+
+
+@operation(bp, "/<cid>", "DELETE", summary="Delete the object from every backend (a delete job) and from search now",
+           responses={202: JobAccepted, 409: None})
+def delete(cid: str):
+    principal = current()
+
+    def authorize(holders: list[str]) -> None:
+        note(backends=holders, cid=cid)
+        require_backends(principal, "write", holders)
+
+    job = job_tasks.delete_object(cid, authorize)
+    note(job_id=str(job.id))
+    url = url_for("jobs.get", job_id=job.id)
+    accepted = JobAccepted(id=job.id, state=job.state, url=url)
+    return jsonify(accepted.model_dump(mode="json")), 202, {"Location": url}
 
 
 @operation(bp, "/<cid>/text", "GET", summary="The text extracted from the object for search, and how it was made",

@@ -107,6 +107,11 @@ def send_expand(job_id: str, source_backend: str) -> None:
     app.send_task("ferry.expand", args=[job_id], queue=queue_for(source_backend))
 
 
+def send_publish() -> None:
+    """Have an index worker publish the vector index now (after entries were removed)."""
+    app.send_task("ferry.index.publish", queue=INDEX_QUEUE)
+
+
 def send_reconcile() -> None:
     """Ask for a reconcile pass now (a policy run, a retry, a finished verification)."""
     app.send_task("ferry.reconcile", queue=CONTROL_QUEUE)

@@ -37,7 +37,7 @@ from ferry.catalog.models import (
     SearchChunk,
     StoredObject,
 )
-from ferry.catalog.replicas import Check, record_checks
+from ferry.catalog.replicas import Check, record_checks, replicas_at
 from ferry.errors import BackendError, BackendUnavailable, FerryError, KeyNotFound
 from ferry.search import embed, extract, store, vectors
 from ferry.settings import Settings
@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 GROUP = 32  # objects read, encoded and committed together
+GONE = (ReplicaState.gone, ReplicaState.deleting)
 
 
 @dataclass
@@ -140,11 +141,12 @@ class IndexRun:
                 continue
             got = extract.extract(data, media_type=src.media_type, name=src.name,
                                   max_chars=self.settings.index_max_chars, complete=complete)
-            if not complete:
+            if not complete:  # the extractor said "only the first N bytes were read": say why, and what it means
                 note = (f"only the first {len(data)} of {src.size} bytes were read (FERRY_INDEX_MAX_BYTES); "
                         "that head could not be checked against the object's sha256")
+                own = got.reason if got.reason and not got.reason.startswith("only the first") else None
                 got = extract.Extracted(got.media_type, got.title, got.text, got.metadata_only, True,
-                                        note if got.reason is None else f"{got.reason}; {note}")
+                                        note if own is None else f"{own}; {note}")
             pending.append((item, src, fp, got, backend))
         entries = self._entries(pending, model)
         with transaction() as session:
@@ -190,16 +192,13 @@ class IndexRun:
         o, r = StoredObject.__table__.c, Replica.__table__.c
         out: dict[int, Source] = {}
         with transaction() as session:
-            by_location = {}
+            at = replicas_at(session, [(i.source_backend, i.source_key) for i in items
+                                       if i.object_id is None and i.source_backend])
+            wanted = {}
             for item in items:
-                if item.object_id is None and item.source_backend:
-                    row = session.execute(select(r.object_id).where(
-                        r.backend == item.source_backend, r.key == item.source_key,
-                        r.state.not_in([ReplicaState.gone, ReplicaState.deleting]))).first()
-                    if row is not None:
-                        by_location[item.seq] = row.object_id
-            wanted = {seq: (item.object_id if item.object_id is not None else by_location.get(item.seq))
-                      for seq, item in ((i.seq, i) for i in items)}
+                row = at.get((item.source_backend, item.source_key))
+                wanted[item.seq] = item.object_id if item.object_id is not None else (
+                    row.object_id if row is not None and row.state not in GONE else None)
             ids = {oid for oid in wanted.values() if oid is not None}
             if not ids:
                 return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from sqlalchemy import select
@@ -28,16 +28,18 @@ from ferry.catalog.models import (
     ReplicaState,
     StoredObject,
 )
-from ferry.catalog.replicas import under_prefix
+from ferry.catalog.replicas import get_object, under_prefix
 from ferry.errors import (
     BackendUnavailable,
+    Conflict,
     FerryError,
     InvalidRequest,
     ReadOnlyBackend,
     UnknownBackend,
 )
+from ferry.search import store as search_store
 from ferry.settings import get_settings
-from tasks.app import app, backoff, send_batches, send_expand
+from tasks.app import app, backoff, send_batches, send_expand, send_publish
 from workers import registry
 from workers.base import ObjectStat, check_key, check_prefix
 
@@ -199,6 +201,43 @@ def submit(request: JobRequest) -> Job:
         else:
             job_id = str(job.id)
             after_commit(session, lambda: send_expand(job_id, request.source_backend))
+    return job
+
+
+def delete_object(cid: str, authorize: Callable[[list[str]], None]) -> Job:
+    """Remove an object from every backend (a `delete` job: one item per replica, each
+    deleted by its backend's worker) and from the search indexes at once. `authorize` is
+    given the backends holding it before anything changes. Refused under legal hold, and
+    while a replica lies where Ferry cannot delete it (a read-only backend such as Filecoin
+    deals, or one no longer configured): nothing is deleted then."""
+    settings = get_settings()
+    backends = settings.backends()
+    with transaction() as session:
+        obj = get_object(session, cid)
+        if obj.legal_hold:
+            raise Conflict(f"object {cid} is under legal hold: release it first (PUT /v1/objects/{cid}/hold)")
+        held = [r for r in obj.replicas if r.state != ReplicaState.gone]
+        authorize(sorted({r.backend for r in held}))
+        stuck = sorted({r.backend for r in held if r.backend not in backends
+                        or registry.traits(backends[r.backend].driver)[1]})
+        if stuck:
+            raise Conflict(f"object {cid} has replicas where Ferry cannot delete them: {', '.join(stuck)} "
+                           "(read-only or not configured); nothing was deleted", details={"backends": stuck})
+        spec = {"cid": cid, "source": {}, "targets": [{"backend": b, "prefix": ""} for b in
+                                                       sorted({r.backend for r in held})]}
+        job = catalog.create_job(session, kind=JobKind.delete, source_backend=None, spec=spec, expand=False)
+        items = [catalog.NewItem(r.key, r.backend, r.key, obj.size, action=ItemAction.delete, object_id=obj.id)
+                 for r in sorted(held, key=lambda r: (r.backend, r.key))]
+        for r in held:  # no pass copies from, or counts, a replica on its way out
+            r.state = ReplicaState.deleting
+        search_store.remove(session, [obj.id])
+        batches = catalog.add_items(session, job.id, 0, items, batch_items=settings.batch_items,
+                                    batch_bytes=settings.batch_bytes, fresh=True)
+        catalog.mark_expanded(session, job, len(items))
+        if not items:
+            catalog.finish_if_complete(session, job.id)
+        after_commit(session, lambda: send_batches(batches))
+        after_commit(session, send_publish)
     return job
 
 

@@ -84,6 +84,7 @@ class JobKind(enum.StrEnum):
     reconcile = "reconcile"    # the work one reconcile pass found missing (policies, healing)
     deal = "deal"              # pack objects into pieces and make Filecoin storage deals of them
     index = "index"            # extract objects' text into the full-text and vector indexes
+    delete = "delete"          # remove an object's replicas from every backend (DELETE /v1/objects/{cid})
 
 
 class JobState(enum.StrEnum):

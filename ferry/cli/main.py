@@ -106,7 +106,10 @@ def job_payload(kind: str, src: str, dsts: tuple[str, ...], keep_source: bool, k
 
 def _submit_and_follow(payload: dict, wait: bool, as_json: bool) -> None:
     c = client()
-    accepted = c.submit(payload)
+    _follow_accepted(c, c.submit(payload), wait, as_json)
+
+
+def _follow_accepted(c: Client, accepted: dict, wait: bool, as_json: bool) -> None:
     job_id = accepted["id"]
     if not wait:
         out.print_json(data=accepted) if as_json else out.print(job_id)
@@ -161,6 +164,20 @@ def migrate(src: str, dst: str, keep_source: bool, keys_from, tags: tuple[str, .
 def replicate(src: str, dsts: tuple[str, ...], keys_from, tags: tuple[str, ...], wait: bool, as_json: bool) -> None:
     """Copy objects from SRC to one or more DSTs, verifying every copy."""
     _submit_and_follow(job_payload("replicate", src, dsts, False, keys_from, tags), wait, as_json)
+
+
+@cli.command("delete")
+@click.argument("cid")
+@wait_opt
+@json_opt
+def delete_cmd(cid: str, wait: bool, as_json: bool) -> None:
+    """Delete an object from every backend that holds it, and from search at once.
+
+    Refused under legal hold, or while a replica lies on a read-only backend.
+    """
+    c = client()
+    accepted = c.request("DELETE", f"/v1/objects/{cid}")
+    _follow_accepted(c, accepted, wait, as_json)
 
 
 def _human(n: float) -> str:

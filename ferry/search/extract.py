@@ -240,11 +240,13 @@ def _decode(data: bytes, charset: str | None, *, complete: bool) -> str | None:
     """The text of `data`, or None when it is not text.
 
     A byte-order mark wins, then the declared charset, then UTF-8. A lenient decode is kept
-    only when few characters are lost; `complete=False` allows a character cut at the end.
+    only when few characters are lost, and never for UTF-16: nearly any even run of bytes
+    decodes as UTF-16 with few losses. `complete=False` allows a character cut at the end.
     """
+    lenient = True
     for bom, encoding in _BOMS:
         if data.startswith(bom):
-            data, encodings = data[len(bom):], [encoding]
+            data, encodings, lenient = data[len(bom):], [encoding], encoding == "utf-8"
             break
     else:
         encodings = [charset, "utf-8"] if charset and charset != "utf-8" else ["utf-8"]
@@ -254,6 +256,8 @@ def _decode(data: bytes, charset: str | None, *, complete: bool) -> str | None:
         except UnicodeError:  # also UTF-16 and UTF-32 without their byte-order mark
             continue
         return text if _mostly_text(text) else None
+    if not lenient or encodings[0].startswith(("utf-16", "utf-32")):
+        return None
     try:
         text = codecs.getincrementaldecoder(encodings[0])("replace").decode(data, final=complete)
     except UnicodeError:
@@ -506,7 +510,8 @@ def _is_rule(bare: str) -> bool:
 
 
 def _is_table_rule(bare: str) -> bool:
-    return "|" in bare and "-" in bare and all(_TABLE_RULE.fullmatch(cell.strip()) for cell in bare.strip("|").split("|"))
+    cells = bare.strip("|").split("|")
+    return "|" in bare and "-" in bare and all(_TABLE_RULE.fullmatch(cell.strip()) for cell in cells)
 
 
 def _atx_text(rest: str) -> str:
@@ -572,7 +577,8 @@ class _HtmlText(HTMLParser):
         elif tag in _SKIPPED:
             self._skipped.append(tag)
         elif not self._skipped:
-            self._pre += tag == "pre"
+            if tag == "pre":
+                self._pre += 1
             self._break(tag)
 
     def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:

@@ -7,9 +7,14 @@ answers: vectors' strength) and mixed ones."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -242,3 +247,56 @@ def test_policy_indexes_new_objects_every_api_process_sees_them_and_deletes_leav
     _wait(lambda: not snapshot_ids() & doomed_chunks, what="a snapshot without the deleted chunks")
     for name in ("doom", "auto-index"):
         assert api.delete(f"/v1/policies/{name}").status_code == 200
+
+
+def test_deleting_an_object_takes_it_off_every_backend_and_out_of_search_at_once(apis, indexed, disks):
+    api = apis[0]
+    q = next(q for q in corpus.queries() if q.kind == "semantic")
+    victim, kept = sorted(q.relevant)[:2]
+    assert victim in top_keys(api, q.text, "vector") and victim in top_keys(api, q.text, "hybrid")
+    # Under legal hold: refused, nothing changes.
+    assert api.put(f"/v1/objects/{indexed[kept]}/hold", json={"hold": True}).status_code == 200
+    r = api.delete(f"/v1/objects/{indexed[kept]}")
+    assert r.status_code == 409 and "legal hold" in r.json()["error"]["message"]
+    assert kept in top_keys(api, q.text, "vector")
+    api.put(f"/v1/objects/{indexed[kept]}/hold", json={"hold": False})
+    r = api.delete(f"/v1/objects/{indexed[victim]}")
+    assert r.status_code == 202, r.text
+    # Out of both indexes as soon as the request is answered, on every API process.
+    for c in apis:
+        for mode in ("text", "vector", "hybrid"):
+            assert victim not in top_keys(c, q.text, mode, k=50), mode
+    job = wait_job(api, r.json()["id"])
+    assert job["kind"] == "delete" and job["state"] == "succeeded" and job["items"]["done"] == 2, job
+    assert not (disks / "local" / PREFIX / victim).exists() and not (disks / "mirror" / PREFIX / victim).exists()
+    replicas = api.get(f"/v1/objects/{indexed[victim]}").json()["replicas"]
+    assert {r["state"] for r in replicas} == {"gone"}
+    assert api.get(f"/v1/objects/{indexed[victim]}/text").status_code == 404
+
+
+def test_the_cli_indexes_searches_and_shows_text(search_cluster, indexed, disks):
+    _, urls = search_cluster
+    ferry = str(Path(sys.executable).parent / "ferry")
+    env = {**os.environ, "FERRY_API_URL": urls[1], "COLUMNS": "200"}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([ferry, *args], capture_output=True, text=True, env=env, timeout=300)
+
+    q = next(q for q in corpus.queries() if q.kind == "lexical" and " " not in q.text)
+    r = run("search", q.text, "--mode", "text")
+    assert r.returncode == 0, r.stderr
+    assert q.text in r.stdout and "text, " in r.stdout  # the table's title names the mode
+    assert all(PREFIX + key in r.stdout for key in q.relevant), r.stdout
+    data = json.loads(run("search", q.text, "--json", "--limit", "3").stdout)
+    assert data["mode"] == "hybrid" and len(data["hits"]) <= 3
+    r = run("text", data["hits"][0]["cid"])
+    assert r.returncode == 0 and q.text in r.stdout
+    r = run("search", "anything", "--meta", "no-equals-sign")
+    assert r.returncode == 2 and "KEY=VALUE" in r.stderr
+    for verb in ("text", "delete"):
+        r = run(verb, "bafkqnotanobject")
+        assert r.returncode == 2 and "no object" in r.stderr, (verb, r.stderr)
+    # An index job from the CLI, followed to its end: unchanged objects are skipped.
+    r = run("index", f"local:{PREFIX}corpus/chess/")
+    assert r.returncode == 0, r.stderr
+    assert "index job" in r.stdout and "succeeded" in r.stdout

@@ -100,6 +100,19 @@ def world(app, keys):
         session.flush()
         session.add(Replica(object_id=obj.id, backend="local", key=f"{PREFIX}/obj", state=ReplicaState.present,
                             verified_at=utcnow()))
+    # An object on `archive` for the delete operation (the others keep theirs).
+    doomed = b"matrix object to delete " + PREFIX.encode()
+    dd = digest_bytes(doomed)
+    archive = get_settings().backends()["archive"].settings["root"]
+    os.makedirs(os.path.join(archive, PREFIX), exist_ok=True)
+    with open(os.path.join(archive, PREFIX, "doomed"), "wb") as f:
+        f.write(doomed)
+    with transaction() as session:
+        obj = StoredObject(cid=dd.cid, sha256=dd.sha256, size=dd.size)
+        session.add(obj)
+        session.flush()
+        session.add(Replica(object_id=obj.id, backend="archive", key=f"{PREFIX}/doomed", state=ReplicaState.present,
+                            verified_at=utcnow()))
     r = call(app, admin, "POST", "/v1/jobs", json={"kind": "replicate", "source": {"backend": "local",
                                                    "keys": [f"{PREFIX}/obj"]}, "targets": [{"backend": "archive"}]})
     assert r.status_code == 202, r.get_json()
@@ -124,7 +137,8 @@ def world(app, keys):
         session.add(deal)
         session.add(DealSchedule(name=PREFIX, backend="filecoin", spec={"schedule": {"every": "1h"}}, paused=True,
                                  created_at=utcnow(), updated_at=utcnow()))
-    return {"job_id": job_id, "name": PREFIX, "cid": d.cid, "policy": policy, "deal_id": str(deal.id),
+    return {"job_id": job_id, "name": PREFIX, "cid": d.cid, "doomed_cid": dd.cid, "policy": policy,
+            "deal_id": str(deal.id),
             "provider_id": provider, "piece_cid": piece.piece_cid}
 
 
@@ -132,6 +146,8 @@ def sample(op, world: dict, revocable: str) -> tuple[str, dict]:
     """A request for `op` that touches backends local (read) and archive (write)."""
     params = {"job_id": world["job_id"], "name": world["name"], "cid": world["cid"], "prefix": revocable,
               "deal_id": world["deal_id"], "provider_id": world["provider_id"], "piece_cid": world["piece_cid"]}
+    if op.endpoint == "objects.delete":
+        params["cid"] = world["doomed_cid"]
     path = op.path.format(**{p: params[p] for p in op.path_params})
     body = None
     if op.body is not None:
@@ -153,7 +169,7 @@ def sample(op, world: dict, revocable: str) -> tuple[str, dict]:
 
 
 # Backend-scoped operations: what a role's grants must cover for them.
-NEEDS_WRITE = {"jobs.create", "jobs.cancel", "policies.apply", "policies.delete", "policies.run", "policies.retry",
+NEEDS_WRITE = {"jobs.create", "jobs.cancel", "objects.delete", "policies.apply", "policies.delete", "policies.run", "policies.retry",
                "deals.retry", "schedules.put_schedule", "schedules.pause_schedule", "schedules.resume_schedule",
                "schedules.delete_schedule"}
 NEEDS_READ = {"objects.content", "objects.text", "deals.quote"}

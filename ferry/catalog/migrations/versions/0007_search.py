@@ -1,6 +1,6 @@
 """Search: documents extracted from objects, their chunks (Postgres tsvector + GIN, or an
 FTS5 table kept by triggers on SQLite; embeddings), the vector index's snapshot state; the
-index job kind and item action
+index job kind and item action, the delete job kind (an object off every backend)
 
 Revision ID: 0007
 Revises: 0006
@@ -89,7 +89,7 @@ def upgrade() -> None:
                "VALUES (1, 0, 0, CURRENT_TIMESTAMP)")
     with op.batch_alter_table("jobs") as batch:
         batch.alter_column("kind", existing_type=_enum("job_kind", *JOB_KINDS),
-                           type_=_enum("job_kind", *JOB_KINDS, "index"), existing_nullable=False)
+                           type_=_enum("job_kind", *JOB_KINDS, "index", "delete"), existing_nullable=False)
     with op.batch_alter_table("job_items") as batch:
         batch.alter_column("action", existing_type=_enum("item_action", *ITEM_ACTIONS),
                            type_=_enum("item_action", *ITEM_ACTIONS, "index"), existing_nullable=False,
@@ -102,7 +102,7 @@ def downgrade() -> None:
                            type_=_enum("item_action", *ITEM_ACTIONS), existing_nullable=False,
                            existing_server_default="copy")
     with op.batch_alter_table("jobs") as batch:
-        batch.alter_column("kind", existing_type=_enum("job_kind", *JOB_KINDS, "index"),
+        batch.alter_column("kind", existing_type=_enum("job_kind", *JOB_KINDS, "index", "delete"),
                            type_=_enum("job_kind", *JOB_KINDS), existing_nullable=False)
     op.drop_table("search_index_state")
     if op.get_bind().dialect.name == "sqlite":
