@@ -9,6 +9,7 @@ function takes the caller's session and does not commit.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -38,6 +39,15 @@ class Entry:
     embeddings: list[bytes]        # one float32 vector per chunk
     model: str
     source_backend: str | None
+
+
+_SEPARATORS = re.compile(r"[/\\._\-:]+")
+
+
+def _words(name: str | None) -> str | None:
+    """A key as words ("docs/2024/tomato-care.md" -> "docs 2024 tomato care md"): Postgres'
+    parser would read a path as one token, and nobody searches for the whole path."""
+    return _SEPARATORS.sub(" ", name) if name else name
 
 
 def fingerprints(session: Session, object_ids: Iterable[int]) -> dict[int, str]:
@@ -89,7 +99,8 @@ def replace(session: Session, entries: Sequence[Entry]) -> None:
          "source_backend": e.source_backend, "indexed_at": now}
         for e in entries])
     rows = [{"object_id": e.object_id, "seq": i, "body": body, "embedding": vec,
-             "heading": " ".join(filter(None, [e.name, e.title])), "tags": " ".join(e.tags), "meta": e.meta_text}
+             "heading": " ".join(filter(None, [_words(e.name), e.title])), "tags": " ".join(e.tags),
+             "meta": e.meta_text}
             for e in entries for i, (body, vec) in enumerate(zip(e.chunks, e.embeddings, strict=True))]
     if not rows:
         return

