@@ -73,7 +73,9 @@ class Filters:
 
     @property
     def empty(self) -> bool:
-        return self == Filters()
+        return not any((self.tags, self.media_types, self.metadata, self.backends)) and self.readable is None \
+            and all(d is None for d in (self.created_after, self.created_before, self.indexed_after,
+                                        self.indexed_before))
 
 
 @dataclass
@@ -173,7 +175,12 @@ def text_ranking(session: Session, q: str, filters: Filters, k: int) -> list[Hit
 
 
 def vector_ranking(session: Session, q: str, filters: Filters, k: int) -> tuple[list[Hit], int]:
-    """Objects whose chunks are nearest the query's embedding, best first, by their best chunk."""
+    """Objects whose chunks are nearest the query's embedding, best first, by their best chunk.
+
+    With filters, the nearest chunks overall are kept if they pass (cheap, and enough when
+    the filters are loose); when that leaves fewer than k objects, the search runs again
+    over only the chunks the filters allow (a FAISS ID selector), so a selective filter
+    never empties a page."""
     import numpy as np
 
     from ferry.search.embed import embedder
@@ -182,27 +189,35 @@ def vector_ranking(session: Session, q: str, filters: Filters, k: int) -> tuple[
     model = embedder()
     index = shared.get(session, dim=model.dim, model=model.name)
     vec = model.encode([q])[0]
-    allowed = None
-    dialect = session.get_bind().dialect.name
-    if not filters.empty:
+    clause = None if filters.empty else filters.clause(session.get_bind().dialect.name)
+    hits = _nearest(session, index, vec, k, clause, None)
+    if clause is not None and len(hits) < k:
         allowed = np.fromiter(session.scalars(_joined(select(CHUNK.id).select_from(SearchChunk.__table__))
-                                              .where(filters.clause(dialect))), dtype=np.int64)
-    hits: dict[int, Hit] = {}
-    want = k * 4
+                                              .where(clause)), dtype=np.int64)
+        hits = _nearest(session, index, vec, k, clause, allowed)
+    return hits, index.generation
+
+
+def _nearest(session: Session, index: Any, vec: Any, k: int, clause: ColumnElement[bool] | None,
+             allowed: Any) -> list[Hit]:
+    want = k * (8 if clause is not None and allowed is None else 4)
     while True:
         found = index.search(vec, want, allowed)
-        # Chunks the catalog no longer has (deleted since the snapshot) are dropped here.
-        owners = dict(session.execute(select(CHUNK.id, CHUNK.object_id).where(
-            CHUNK.id.in_([c for c, _ in found]))).all()) if found else {}
-        hits = {}
+        if not found:
+            return []
+        owned = select(CHUNK.id, CHUNK.object_id).where(CHUNK.id.in_([c for c, _ in found]))
+        if clause is not None:
+            owned = _joined(owned.select_from(SearchChunk.__table__)).where(clause)
+        # Chunks the catalog no longer has (deleted since the snapshot) drop out here.
+        owners = dict(session.execute(owned).all())
+        hits: dict[int, Hit] = {}
         for chunk_id, score in found:
             oid = owners.get(chunk_id)
             if oid is not None and oid not in hits:
                 hits[oid] = Hit(oid, vector_rank=len(hits) + 1, vector_score=score, vector_chunk=chunk_id)
-        if len(hits) >= k or len(found) < want:
-            break
+        if len(hits) >= k or len(found) < want or (clause is not None and allowed is None):
+            return list(hits.values())[:k]
         want *= 4
-    return list(hits.values())[:k], index.generation
 
 
 def _hydrate(session: Session, q: str, page: list[Hit]) -> None:

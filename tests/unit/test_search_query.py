@@ -50,3 +50,13 @@ def test_chunks_overlap_and_cover_every_word():
     assert all(len(c.split()) <= 30 for c in chunks)
     assert chunk("", words=30, overlap=5) == []
     assert chunk("one two", words=30, overlap=5) == ["one two"]
+
+
+def test_filters_built_from_a_request_with_nothing_set_are_empty():
+    # The API passes lists: an unfiltered search must not take the filtered path (which
+    # lists every allowed chunk id: 200 ms at 100 000 chunks, seen in bench/search.py).
+    from ferry.search.query import Filters
+
+    assert Filters(tags=[], media_types=[], metadata={}, backends=[], readable=None).empty
+    assert not Filters(tags=["a"]).empty
+    assert not Filters(readable=[]).empty  # a caller who may read nothing sees nothing
