@@ -6,9 +6,10 @@ groups of objects: each object whose entry would come out the same as it is (sam
 fingerprint: content, name, labels, extractor, model, chunking) is skipped without a
 read; the others are read from a verified replica (the item's source first, then the most
 recently verified; a replica found corrupt or missing is recorded so and the next one is
-tried), extracted by media type (ferry.search.extract), chunked with overlap and encoded
-in one batch per group, and stored with the group's item outcomes in one transaction.
-After the batch the vector index is published (ferry.search.vectors): a new snapshot
+tried), extracted by media type (ferry.search.extract) and chunked with overlap; every
+ENCODE_CHUNKS chunks are encoded in one call and stored with their items' outcomes in one
+transaction (full-text search has them from then on). After the batch an index worker
+publishes the vector index (`ferry.index.publish`, ferry.search.vectors): a new snapshot
 generation that every API process picks up.
 
 Objects larger than FERRY_INDEX_MAX_BYTES are indexed from their first that many bytes;
@@ -41,14 +42,15 @@ from ferry.catalog.replicas import Check, record_checks, replicas_at
 from ferry.errors import BackendError, BackendUnavailable, FerryError, KeyNotFound
 from ferry.search import embed, extract, store, vectors
 from ferry.settings import Settings
-from tasks.app import app
+from tasks.app import app, send_publish
 from workers import registry, transfer
 
 if TYPE_CHECKING:
     from tasks.transfer import Item, Plan
 
 log = logging.getLogger(__name__)
-GROUP = 32  # objects read, encoded and committed together
+GROUP = 128  # items whose objects are looked up together
+ENCODE_CHUNKS = 512  # chunks encoded in one call (and stored, with their items, in one transaction)
 GONE = (ReplicaState.gone, ReplicaState.deleting)
 
 
@@ -103,16 +105,18 @@ class IndexRun:
         for lo in range(0, len(items), GROUP):
             self._group(items[lo:lo + GROUP], model)
         with transaction() as session:
-            vectors.publish(session, dim=model.dim, model=model.name)
-        with transaction() as session:
             job_catalog.finish_if_complete(session, self.plan.job_id)
+        if self.tally["done"]:
+            # Entries are stored (text search has them); an index worker publishes the vector
+            # snapshot next, so a batch never waits on writing it (seconds at 100 000 chunks).
+            send_publish()
 
     def _group(self, items: list[Item], model: embed.Embedder) -> None:
         sources = self._sources(items)
         with transaction() as session:
             known = store.fingerprints(session, [s.object_id for s in sources.values()])
         outcomes: list[tuple[Item, ItemState, str | None]] = []
-        pending: list[tuple[Item, Source, str, extract.Extracted, str | None]] = []
+        pending: list[tuple[Item, Source, str, extract.Extracted, str | None, list[str]]] = []
         fresh: list[int] = []
         for item in items:
             src = sources.get(item.seq)
@@ -141,42 +145,34 @@ class IndexRun:
                 continue
             got = extract.extract(data, media_type=src.media_type, name=src.name,
                                   max_chars=self.settings.index_max_chars, complete=complete)
+            del data
             if not complete:  # the extractor said "only the first N bytes were read": say why, and what it means
-                note = (f"only the first {len(data)} of {src.size} bytes were read (FERRY_INDEX_MAX_BYTES); "
-                        "that head could not be checked against the object's sha256")
+                note = (f"only the first {self.settings.index_max_bytes} of {src.size} bytes were read "
+                        "(FERRY_INDEX_MAX_BYTES); that head could not be checked against the object's sha256")
                 own = got.reason if got.reason and not got.reason.startswith("only the first") else None
                 got = extract.Extracted(got.media_type, got.title, got.text, got.metadata_only, True,
                                         note if own is None else f"{own}; {note}")
-            pending.append((item, src, fp, got, backend))
-        entries = self._entries(pending, model)
-        with transaction() as session:
-            store.replace(session, entries)
-            store.mark_fresh(session, fresh)
-        outcomes += [(item, ItemState.done, None) for item, *_ in pending]
-        self.tally["chunks"] += sum(len(e.chunks) for e in entries)
-        self._commit(outcomes)
+            pending.append((item, src, fp, got, backend, self._chunks(src, got)))
+            if sum(len(p[-1]) for p in pending) >= ENCODE_CHUNKS:
+                self._store(pending, model, outcomes, fresh)
+                outcomes, pending, fresh = [], [], []
+        self._store(pending, model, outcomes, fresh)
 
-    @property
-    def _failed(self) -> ItemState:
-        return ItemState.stuck if self.plan.kind == JobKind.reconcile else ItemState.failed
+    def _chunks(self, src: Source, got: extract.Extracted) -> list[str]:
+        """The texts embedded and matched: the body in overlapping chunks (title first), or
+        for a metadata-only entry one chunk of name, title, tags and metadata."""
+        if got.metadata_only or not got.text.strip():
+            return [" ".join(filter(None, [src.name, got.title, " ".join(src.tags), meta_text(src.meta)])) or src.cid]
+        body = got.text if not got.title or got.text.lstrip().startswith(got.title) else f"{got.title}\n\n{got.text}"
+        return embed.chunk(body, words=self.settings.chunk_words, overlap=self.settings.chunk_overlap)
 
-    def _entries(self, pending: list, model: embed.Embedder) -> list[store.Entry]:
-        texts: list[str] = []
-        chunked: list[list[str]] = []
-        for _item, src, _fp, got, _backend in pending:
-            if got.metadata_only or not got.text.strip():
-                # Found by name, title, tags and metadata only; one chunk of those.
-                chunks = [" ".join(filter(None, [src.name, got.title, " ".join(src.tags), meta_text(src.meta)]))
-                          or src.cid]
-            else:
-                body = got.text if not got.title or got.text.lstrip().startswith(got.title) \
-                    else f"{got.title}\n\n{got.text}"
-                chunks = embed.chunk(body, words=self.settings.chunk_words, overlap=self.settings.chunk_overlap)
-            chunked.append(chunks)
-            texts += chunks
+    def _store(self, pending: list, model: embed.Embedder, outcomes: list, fresh: list[int]) -> None:
+        """Encode the pending entries' chunks in one call (sentence-transformers batches and
+        sorts them by length) and store them with the items' outcomes in one transaction."""
+        texts = [c for *_, chunks in pending for c in chunks]
         matrix = model.encode(texts)
         entries, row = [], 0
-        for (_item, src, fp, got, backend), chunks in zip(pending, chunked, strict=True):
+        for _item, src, fp, got, backend, chunks in pending:
             vecs = [matrix[row + i].tobytes() for i in range(len(chunks))]
             row += len(chunks)
             entries.append(store.Entry(
@@ -184,7 +180,19 @@ class IndexRun:
                 metadata_only=got.metadata_only, truncated=got.truncated, reason=got.reason,
                 body="" if got.metadata_only else got.text, tags=sorted(src.tags), meta_text=meta_text(src.meta),
                 chunks=chunks, embeddings=vecs, model=model.name, source_backend=backend))
-        return entries
+        outcomes = outcomes + [(item, ItemState.done, None) for item, *_ in pending]
+        rows = [{"seq": item.seq, "state": state, "error": error, "size": item.size, "dest_key": None}
+                for item, state, error in outcomes]
+        with transaction() as session:
+            store.replace(session, entries)
+            store.mark_fresh(session, fresh)
+            job_catalog.finish_items(session, self.plan.job_id, rows)
+        self._counted(outcomes)
+        self.tally["chunks"] += len(texts)
+
+    @property
+    def _failed(self) -> ItemState:
+        return ItemState.stuck if self.plan.kind == JobKind.reconcile else ItemState.failed
 
     def _sources(self, items: list[Item]) -> dict[int, Source]:
         """The objects the items name (by location on the job's source, else by object id)."""
@@ -276,6 +284,9 @@ class IndexRun:
                 for item, state, error in outcomes]
         with transaction() as session:
             job_catalog.finish_items(session, self.plan.job_id, rows)
+        self._counted(outcomes)
+
+    def _counted(self, outcomes: list[tuple[Item, ItemState, str | None]]) -> None:
         with self.lock:
             self.open_seqs -= {item.seq for item, _, _ in outcomes}
         for _, state, _ in outcomes:
