@@ -198,9 +198,14 @@ def vector_ranking(session: Session, q: str, filters: Filters, k: int) -> tuple[
     return hits, index.generation
 
 
+# Filtered vector search first post-filters this many nearest chunks (an exhaustive scan
+# costs the same for any k): enough for filters that keep a few percent of the chunks.
+POST_FILTER_CANDIDATES = 2000
+
+
 def _nearest(session: Session, index: Any, vec: Any, k: int, clause: ColumnElement[bool] | None,
              allowed: Any) -> list[Hit]:
-    want = k * (8 if clause is not None and allowed is None else 4)
+    want = max(POST_FILTER_CANDIDATES, k * 8) if clause is not None and allowed is None else k * 4
     while True:
         found = index.search(vec, want, allowed)
         if not found:

@@ -1,9 +1,9 @@
 """The vector index: FAISS over the chunks' embeddings, shared through snapshots.
 
 The embeddings live in the catalog (`search_chunks.embedding`), so any process can build
-the index from there. The index is an ID-mapped flat inner-product index whose ids are
-chunk ids: a delete removes ids and never renumbers the rest, and exact search needs no
-training. At 100 000 chunks of 384 dimensions it holds 154 MB and answers in a few ms.
+the index from there. The index is an ID-mapped exhaustive inner-product index (float16
+codes) whose ids are chunk ids: a delete removes ids and never renumbers the rest, and
+exhaustive search needs no training. At 100 000 chunks of 384 dimensions it holds 77 MB.
 
 - The index worker `publish`es: brings its copy up to date with the catalog (adds the
   chunks it lacks, removes the ones gone), writes a snapshot file and records its
@@ -61,7 +61,11 @@ class VectorIndex:
     @classmethod
     def empty(cls, dim: int) -> VectorIndex:
         faiss = _faiss()
-        return cls(faiss.IndexIDMap2(faiss.IndexFlatIP(dim)), dim)
+        # Exhaustive inner product over float16 codes: half the memory of float32 and, with
+        # FAISS' SIMD scan, several times faster per query (bench/search.py); scores agree
+        # with float32 to ~1e-3, so rankings are the same but for near-ties. Needs no training.
+        codes = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+        return cls(faiss.IndexIDMap2(codes), dim)
 
     @classmethod
     def load(cls, path: Path, generation: int) -> VectorIndex:
