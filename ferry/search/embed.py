@@ -80,10 +80,11 @@ class Embedder:
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
-def embedder() -> Embedder:
-    """This process's model, loaded once (SearchUnavailable when the search extra is missing)."""
+def embedder(*, queries: bool = False) -> Embedder:
+    """This process's model, loaded once (SearchUnavailable when the search extra is missing);
+    `queries`: for an API process encoding search queries (FERRY_QUERY_THREADS)."""
     settings = get_settings()
-    return _load(settings.embedding_model, settings.embedding_threads)
+    return _load(settings.embedding_model, settings.query_threads if queries else settings.embedding_threads)
 
 
 @lru_cache(maxsize=2)

@@ -9,7 +9,8 @@ Results are objects, each shown by its best-matching chunk:
   search runs only over the chunks the filters allow (a FAISS ID selector), so a
   selective filter never empties a page.
 - hybrid: reciprocal rank fusion, score = w / (k + rank_vector) + (1 - w) / (k + rank_text)
-  with k = 60 (Cormack et al. 2009); a ranking that misses an object adds nothing. Ranks
+  with k = 60 (Cormack et al. 2009) over the top 30 of each (more for deeper pages); a
+  ranking that misses an object adds nothing. Ranks
   rather than scores, because BM25/ts_rank and cosine are on unrelated scales.
 
 Snippets are HTML-safe: the chunk's text is escaped and matches are wrapped in <mark>.
@@ -38,6 +39,7 @@ DOC = SearchDocument.__table__.c
 CHUNK = SearchChunk.__table__.c
 FTS = table("search_fts", column("rowid"), column("search_fts"))
 RRF_K = 60
+HYBRID_DEPTH = 30  # each ranking's candidates fused in hybrid mode (more when a page needs them)
 MODES = ("text", "vector", "hybrid")
 START, STOP = "\x02", "\x03"  # match markers inside snippets, before escaping
 SNIPPET_WORDS = 32
@@ -109,10 +111,11 @@ def search(session: Session, q: str, *, mode: str = "hybrid", filters: Filters |
     text_hits: list[Hit] = []
     vector_hits: list[Hit] = []
     generation = None
+    depth = max(need, HYBRID_DEPTH) if mode == "hybrid" else need
     if mode in ("text", "hybrid"):
-        text_hits = text_ranking(session, q, filters, max(need, 50) if mode == "hybrid" else need)
+        text_hits = text_ranking(session, q, filters, depth)
     if mode in ("vector", "hybrid"):
-        vector_hits, generation = vector_ranking(session, q, filters, max(need, 50) if mode == "hybrid" else need)
+        vector_hits, generation = vector_ranking(session, q, filters, depth)
     if mode == "text":
         ranked = text_hits
     elif mode == "vector":
@@ -186,7 +189,7 @@ def vector_ranking(session: Session, q: str, filters: Filters, k: int) -> tuple[
     from ferry.search.embed import embedder
     from ferry.search.vectors import shared
 
-    model = embedder()
+    model = embedder(queries=True)
     index = shared.get(session, dim=model.dim, model=model.name)
     vec = model.encode([q])[0]
     clause = None if filters.empty else filters.clause(session.get_bind().dialect.name)
