@@ -50,8 +50,8 @@ Progress goes to stderr; the last line on stdout is one JSON object. Medians eve
 (the machine is shared and noisy); the raw values are under `raw`.
 
 Usage (from the repo root, with the venv):
-  .venv/bin/python bench/search.py                                  # defaults (~8-10 min)
-  .venv/bin/python bench/search.py --docs 100 --chunks 20000 --runs 2   # ~2 min check
+  .venv/bin/python bench/search.py         # defaults: 3 x 400 documents, 100 000 chunks (~9-10 min)
+  .venv/bin/python bench/search.py --docs 100 --runs 1 --chunks 20000 --base-texts 500   # ~3 min check
 
 Needs: Postgres on 127.0.0.1:5432 (user postgres; a fresh database is created and dropped at
 the end), Redis on 127.0.0.1:6379 (db 14 unless it holds keys, then another empty one;
@@ -751,8 +751,8 @@ class Bench:
         """The parts of a hybrid search, timed inside the bench process on the same queries
         (after the API's, never during them). Filters are built as api/search.py builds them
         (lists, `readable` None for an admin); the parts of vector_ranking are timed apart:
-        the query's embedding, the allowed chunk ids (when `Filters.empty` is false) and the
-        FAISS search with and without that ID selector."""
+        the query's embedding, the FAISS search, and with filters the SQL that lists the
+        allowed chunk ids (for an ID selector) or keeps those of the nearest chunks that pass."""
         import numpy as np
         from sqlalchemy import select
 
@@ -762,7 +762,10 @@ class Bench:
         from ferry.search.embed import embedder
         from ferry.search.vectors import shared
 
-        model = embedder()
+        try:  # the model as the query path loads it (its own torch thread count, if the code has one)
+            model = embedder(queries=True)
+        except TypeError:
+            model = embedder()
         parts: dict[str, dict[str, list[float]]] = {"unfiltered": {}, "filtered": {}}
         allowed_sizes: dict[str, list[int]] = {"unfiltered": [], "filtered": []}
         n = min(self.args.breakdown_queries, len(self.qs))
@@ -796,8 +799,18 @@ class Bench:
                     allowed = np.fromiter(session.scalars(
                         fq._joined(select(fq.CHUNK.id).select_from(SearchChunk.__table__))
                         .where(f.clause("postgresql"))), dtype=np.int64)
-                    t["vector: allowed chunk ids (SQL)"] = time.perf_counter() - t0
+                    t["vector: allowed chunk ids (SQL; a fallback in newer code)"] = time.perf_counter() - t0
                     allowed_sizes[kind].append(len(allowed))
+                    # Post-filtering the nearest chunks instead: their owners, with the filters.
+                    m = getattr(fq, "POST_FILTER_CANDIDATES", 2000)
+                    t0 = time.perf_counter()
+                    near = [c for c, _ in index.search(vec, m)]
+                    t[f"vector: FAISS k={m} without selector"] = time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    session.execute(fq._joined(select(fq.CHUNK.id, fq.CHUNK.object_id)
+                                               .select_from(SearchChunk.__table__))
+                                    .where(fq.CHUNK.id.in_(near), f.clause("postgresql"))).all()
+                    t[f"vector: owners of the {m} nearest, filtered (SQL)"] = time.perf_counter() - t0
                     t0 = time.perf_counter()
                     index.search(vec, 200, allowed)
                     t["vector: FAISS k=200 with the ID selector"] = time.perf_counter() - t0
@@ -823,17 +836,18 @@ class Bench:
 
     def run(self) -> dict[str, Any]:
         from migrate import git_commit
+        from reconcile import modified_files, source_digest
 
         t0 = time.monotonic()
         load_start = os.getloadavg()
+        # The tree is shared with people working on it: say which code was measured.
+        commit_start, modified_start, digest_start = git_commit(), modified_files(), source_digest()
         self.setup()
         self.indexing()
         self.fill()
         self.queries()
         if not self.args.no_breakdown:
             self.breakdown()
-        from reconcile import modified_files
-
         keys = ("index_chunks_per_s", "encode_chunks_per_s", "ratio_index", "hybrid_p50_ms", "hybrid_p95_ms",
                 "api_rss_mib", "chunks", "documents", "text_p50_ms", "vector_p50_ms")
         out = {k: self.out.get(k) for k in keys}
@@ -846,13 +860,25 @@ class Bench:
             "cores": os.cpu_count(),
             "python": platform.python_version(),
             "postgres": self.sql("SHOW server_version")[0][0],
-            "git_commit": git_commit(),
-            "git_modified": modified_files(),
+            "git_commit": commit_start,
+            "git_modified": modified_start,
+            "source_digest": digest_start,
+            "query_threads": getattr(self.settings_now(), "query_threads", None),
             "loadavg_start": [round(x, 2) for x in load_start],
             "loadavg_end": [round(x, 2) for x in os.getloadavg()],
             "bench_wall_s": round(time.monotonic() - t0, 1),
         })
+        if source_digest() != digest_start:
+            out["source_changed_during_run"] = True
+            log(f"WARNING: Ferry's sources changed during the run (commit {commit_start} -> {git_commit()}): "
+                "processes started before and after may have run different code")
         return out
+
+    @staticmethod
+    def settings_now():
+        from ferry.settings import get_settings
+
+        return get_settings()
 
     def cleanup(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
