@@ -163,6 +163,11 @@ class StoredObject(Base):
     """Content identity: the same bytes are one object, wherever they are stored."""
 
     __tablename__ = "objects"
+    __table_args__ = (
+        # Tag filters (search, policy selectors) are JSONB containment: a GIN index serves them.
+        Index("ix_objects_tags", "tags", postgresql_using="gin", postgresql_ops={"tags": "jsonb_path_ops"})
+        .ddl_if(dialect="postgresql"),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     cid: Mapped[str] = mapped_column(String(128), unique=True)
@@ -189,6 +194,8 @@ class Replica(Base):
     __table_args__ = (
         UniqueConstraint("backend", "key", name="uq_replicas_backend_key"),
         Index("ix_replicas_state", "state"),
+        # Live events read the replicas changed since a cursor (updated_at, id), in that order.
+        Index("ix_replicas_updated_at", "updated_at", "id"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -220,7 +227,8 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Live events look up the jobs that ended since a cursor.
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)
 
 
 class JobItem(Base):
@@ -538,6 +546,8 @@ class SearchChunk(Base):
     __tablename__ = "search_chunks"
     __table_args__ = (
         Index("ix_search_chunks_tsv", "tsv", postgresql_using="gin"),
+        # The owners of a vector search's nearest chunks, read from the index alone.
+        Index("ix_search_chunks_id_owner", "id", postgresql_include=["object_id"]).ddl_if(dialect="postgresql"),
         {"sqlite_autoincrement": True},
     )
 

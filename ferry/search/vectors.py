@@ -13,7 +13,10 @@ exhaustive search needs no training. At 100 000 chunks of 384 dimensions it hold
   cannot read the file, catches up from the catalog) and swaps it in whole, so searches
   running meanwhile finish on the old one.
 
-Hits are always joined with the catalog before they are shown, so a chunk deleted after
+Each index carries its chunks' owners (chunk id -> object id; a chunk never changes hands
+and its id is never reused, so the map is written once with the snapshot, beside it), so
+a search finds the objects of its nearest chunks without asking the catalog. The objects
+found are checked against the catalog before they are shown, so an object deleted after
 the snapshot was written is never returned.
 """
 
@@ -52,11 +55,20 @@ def _faiss():
 
 @dataclass
 class VectorIndex:
-    """A FAISS index of chunk embeddings (ids = chunk ids) and the generation it is at."""
+    """A FAISS index of chunk embeddings (ids = chunk ids), the chunks' owners (`chunk_ids`
+    sorted, `owners[i]` the object of `chunk_ids[i]`) and the generation it is at."""
 
     index: object
     dim: int
     generation: int = 0
+    chunk_ids: np.ndarray | None = None
+    owners: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        import numpy as np
+
+        if self.chunk_ids is None or self.owners is None:
+            self.chunk_ids, self.owners = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
 
     @classmethod
     def empty(cls, dim: int) -> VectorIndex:
@@ -69,22 +81,44 @@ class VectorIndex:
 
     @classmethod
     def load(cls, path: Path, generation: int) -> VectorIndex:
+        """The snapshot at `path` and its owners file (OSError when either is missing or
+        they disagree)."""
+        import numpy as np
+
         index = _faiss().read_index(str(path))
-        return cls(index, index.d, generation)
+        pairs = np.load(_owners_path(path), allow_pickle=False)
+        if pairs.ndim != 2 or pairs.shape[0] != 2 or pairs.shape[1] != index.ntotal:
+            raise OSError(f"{_owners_path(path).name} does not match {path.name}")
+        return cls(index, index.d, generation, np.ascontiguousarray(pairs[0]), np.ascontiguousarray(pairs[1]))
 
     @property
     def size(self) -> int:
         return int(self.index.ntotal)  # type: ignore[attr-defined]
 
     def ids(self) -> np.ndarray:
+        """The chunk ids in the index, sorted."""
+        assert self.chunk_ids is not None
+        return self.chunk_ids
+
+    def owners_of(self, chunk_ids: np.ndarray) -> np.ndarray:
+        """The object of each chunk id (-1 for an id not in the index)."""
         import numpy as np
 
-        if self.size == 0:
-            return np.zeros(0, dtype=np.int64)
-        return _faiss().vector_to_array(self.index.id_map).astype(np.int64)  # type: ignore[attr-defined]
+        assert self.chunk_ids is not None and self.owners is not None
+        if len(self.chunk_ids) == 0:
+            return np.full(len(chunk_ids), -1, dtype=np.int64)
+        at = np.minimum(np.searchsorted(self.chunk_ids, chunk_ids), len(self.chunk_ids) - 1)
+        return np.where(self.chunk_ids[at] == chunk_ids, self.owners[at], -1)
+
+    def chunks_of(self, object_ids: np.ndarray) -> np.ndarray:
+        """The chunk ids of these objects."""
+        import numpy as np
+
+        assert self.chunk_ids is not None and self.owners is not None
+        return self.chunk_ids[np.isin(self.owners, object_ids)]
 
     def copy(self) -> VectorIndex:
-        return VectorIndex(_faiss().clone_index(self.index), self.dim, self.generation)
+        return VectorIndex(_faiss().clone_index(self.index), self.dim, self.generation, self.chunk_ids, self.owners)
 
     def search(self, query: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[tuple[int, float]]:
         """The k chunks nearest the (normalised) query vector, best first; with `allowed`,
@@ -107,33 +141,57 @@ class VectorIndex:
         import numpy as np
 
         c, d = SearchChunk.__table__.c, SearchDocument.__table__.c
-        wanted = np.fromiter(session.scalars(
-            select(c.id).join(SearchDocument.__table__, d.object_id == c.object_id)
-            .where(c.embedding.is_not(None), d.model == model)), dtype=np.int64)
+        rows = session.execute(
+            select(c.id, c.object_id).join(SearchDocument.__table__, d.object_id == c.object_id)
+            .where(c.embedding.is_not(None), d.model == model).order_by(c.id)).all()
+        pairs = np.array(rows, dtype=np.int64).reshape(-1, 2)
+        wanted, owners = np.ascontiguousarray(pairs[:, 0]), np.ascontiguousarray(pairs[:, 1])
         have = self.ids()
         missing = np.setdiff1d(wanted, have, assume_unique=True)
         extra = np.setdiff1d(have, wanted, assume_unique=True)
         if len(extra):
             self.index.remove_ids(extra)  # type: ignore[attr-defined]
+        added: list[int] = []
         for lo in range(0, len(missing), PAGE):
             page = [int(i) for i in missing[lo:lo + PAGE]]
-            rows = session.execute(select(c.id, c.embedding).where(c.id.in_(page))).all()
-            if not rows:
+            got = session.execute(select(c.id, c.embedding).where(c.id.in_(page))).all()
+            if not got:
                 continue
-            vectors = np.frombuffer(b"".join(r.embedding for r in rows), dtype=np.float32).reshape(len(rows), -1)
+            vectors = np.frombuffer(b"".join(r.embedding for r in got), dtype=np.float32).reshape(len(got), -1)
             if vectors.shape[1] != self.dim:
                 raise SearchUnavailable(f"chunk embeddings have {vectors.shape[1]} dimensions, the index {self.dim}")
-            self.index.add_with_ids(vectors, np.array([r.id for r in rows], dtype=np.int64))  # type: ignore[attr-defined]
-        return len(missing), len(extra)
+            ids = np.array([r.id for r in got], dtype=np.int64)
+            self.index.add_with_ids(vectors, ids)  # type: ignore[attr-defined]
+            added.extend(int(i) for i in ids)
+        if len(missing) or len(extra):
+            # Held now: what was wanted, less the missing chunks that vanished between the
+            # two reads (the next sync settles those).
+            held = np.isin(wanted, missing, assume_unique=True, invert=True)
+            if added:
+                held |= np.isin(wanted, np.array(added, dtype=np.int64), assume_unique=True)
+            self.chunk_ids, self.owners = wanted[held], owners[held]
+        return len(added), len(extra)
 
     def save(self, folder: Path, generation: int) -> str:
         """Write the snapshot of `generation` atomically; returns its file name."""
         folder.mkdir(parents=True, exist_ok=True)
+        import numpy as np
+
         name = f"vectors-{generation:012d}.faiss"
+        # The owners first: a reader that finds the snapshot finds its owners beside it.
+        owners = _owners_path(folder / name)
+        tmp = folder / f".{owners.name}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            np.save(f, np.stack([self.ids(), self.owners]), allow_pickle=False)
+        os.replace(tmp, owners)
         tmp = folder / f".{name}.{os.getpid()}.tmp"
         _faiss().write_index(self.index, str(tmp))
         os.replace(tmp, folder / name)
         return name
+
+
+def _owners_path(snapshot: Path) -> Path:
+    return snapshot.with_suffix(".owners.npy")
 
 
 def state(session: Session, *, lock: bool = False) -> SearchIndexState:
@@ -181,7 +239,7 @@ def _load_current(st: SearchIndexState, folder: Path, dim: int) -> VectorIndex:
             index = VectorIndex.load(folder / st.snapshot, st.generation)
             if index.dim == dim:
                 return index
-        except (OSError, RuntimeError) as exc:  # FAISS raises RuntimeError on a missing/corrupt file
+        except (OSError, RuntimeError, ValueError) as exc:  # FAISS: RuntimeError; numpy: ValueError
             log.warning("vector snapshot %s unreadable (%s): rebuilding from the catalog", st.snapshot, exc)
     fresh = VectorIndex.empty(dim)
     fresh.generation = st.generation
@@ -194,6 +252,7 @@ def _prune(folder: Path, *, keep: str) -> None:
     for old in snaps[:-KEEP_SNAPSHOTS]:
         if old.name != keep:
             old.unlink(missing_ok=True)
+            _owners_path(old).unlink(missing_ok=True)
 
 
 class SharedIndex:
@@ -228,7 +287,7 @@ class SharedIndex:
                 log.info("loaded vector snapshot %s (%d vectors) in %.2fs", st.snapshot, index.size,
                          time.monotonic() - started)
                 return index
-            except (OSError, RuntimeError) as exc:
+            except (OSError, RuntimeError, ValueError) as exc:
                 log.warning("vector snapshot %s unreadable here (%s): catching up from the catalog", st.snapshot, exc)
         # No snapshot to read: bring a copy of what we have up to date from the catalog.
         index = self.current.copy() if self.current is not None and self.current.dim == dim else VectorIndex.empty(dim)

@@ -132,8 +132,10 @@ def test_a_process_without_the_snapshot_file_catches_up_from_the_catalog(sqlite_
     model = embed.embedder()
     with Session(engine) as s, s.begin():
         vectors._worker_index = None
+        vectors.state(s, lock=True).snapshot = None  # written anew here, in this test's folder
         st = vectors.publish(s, dim=model.dim, model=model.name)
         snapshot, generation = tmp_path / st.snapshot, st.generation
+        assert snapshot.exists()
     q = _answerable("semantic", keys)[0]
     monkeypatch.setattr(vectors, "shared", vectors.SharedIndex())
     with Session(engine) as s:
@@ -143,6 +145,41 @@ def test_a_process_without_the_snapshot_file_catches_up_from_the_catalog(sqlite_
     with Session(engine) as s:
         assert _names(s, q.text, "vector") == from_file
         assert vectors.shared.current is not None and vectors.shared.current.generation == generation
+
+
+def test_the_snapshot_carries_each_chunks_owner_and_a_bad_owners_file_means_catching_up(
+        sqlite_catalog, tmp_path, monkeypatch):
+    import numpy as np
+
+    engine, _, keys = sqlite_catalog
+    monkeypatch.setattr(get_settings(), "search_dir", tmp_path)
+    model = embed.embedder()
+    with Session(engine) as s, s.begin():
+        vectors._worker_index = None
+        vectors.state(s, lock=True).snapshot = None  # written anew here, in this test's folder
+        st = vectors.publish(s, dim=model.dim, model=model.name)
+        snapshot, generation = tmp_path / st.snapshot, st.generation
+        truth = dict(s.execute(select(SearchChunk.id, SearchChunk.object_id)).all())
+    loaded = vectors.VectorIndex.load(snapshot, generation)
+    assert dict(zip(loaded.ids().tolist(), loaded.owners.tolist(), strict=True)) == truth
+    some = np.array(sorted(truth)[:3] + [max(truth) + 1000], dtype=np.int64)
+    assert loaded.owners_of(some).tolist() == [truth[i] for i in some[:3].tolist()] + [-1]
+    one_object = truth[int(some[0])]
+    assert sorted(loaded.chunks_of(np.array([one_object])).tolist()) == \
+        sorted(c for c, o in truth.items() if o == one_object)
+    q = _answerable("semantic", keys)[0]
+    monkeypatch.setattr(vectors, "shared", vectors.SharedIndex())
+    with Session(engine) as s:
+        from_file = _names(s, q.text, "vector")
+    owners = snapshot.with_suffix(".owners.npy")
+    np.save(owners, np.zeros((2, 3), dtype=np.int64))  # the wrong length: not this snapshot's
+    with pytest.raises(OSError):
+        vectors.VectorIndex.load(snapshot, generation)
+    monkeypatch.setattr(vectors, "shared", vectors.SharedIndex())
+    with Session(engine) as s:
+        assert _names(s, q.text, "vector") == from_file
+        assert dict(zip(vectors.shared.current.ids().tolist(), vectors.shared.current.owners.tolist(),
+                        strict=True)) == truth
 
 
 def test_date_filters(sqlite_catalog):
