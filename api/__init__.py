@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -11,6 +12,7 @@ from werkzeug.exceptions import HTTPException
 
 from api import openapi
 from api.schemas import ErrorBody
+from ferry import logs
 from ferry.errors import FerryError
 from ferry.security import RateLimited, Unauthenticated, check
 
@@ -20,8 +22,51 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 32 * 2**20
 
 
+access_log = logging.getLogger("ferry.api.access")
+# Probes and scrapes: logged at DEBUG unless they fail, or they drown the rest.
+QUIET_ENDPOINTS = frozenset({"health.healthz", "health.readyz", "metrics.metrics"})
+
+
+def _request_log(app: Flask) -> None:
+    """One line per request (method, path, status, time, caller) under a request id the
+    response returns as X-Request-ID; every line logged while serving it carries the id."""
+
+    @app.before_request
+    def start() -> None:
+        given = request.headers.get("X-Request-ID", "")
+        rid = given if given and len(given) <= 64 and given.isprintable() else uuid.uuid4().hex[:16]
+        g.request_started, g.request_id = time.perf_counter(), rid
+        g.log_token = logs.bind(request_id=rid, cid=(request.view_args or {}).get("cid"),
+                                job=(request.view_args or {}).get("job_id"))
+
+    @app.after_request
+    def line(response):
+        principal = g.get("principal")
+        notes = g.get("audit", {})
+        level = logging.DEBUG if request.endpoint in QUIET_ENDPOINTS and response.status_code < 400 else logging.INFO
+        access_log.log(level, "%s %s %d", request.method, request.full_path.rstrip("?"), response.status_code,
+                       extra={"status": response.status_code, "client": request.remote_addr,
+                              "ms": round((time.perf_counter() - g.get("request_started", time.perf_counter()))
+                                          * 1000, 2),
+                              "actor": principal.id if principal else None,
+                              "job": notes.get("job_id") or (request.view_args or {}).get("job_id"),
+                              "cid": notes.get("cid") or (request.view_args or {}).get("cid")})
+        if g.get("request_id"):
+            response.headers["X-Request-ID"] = g.request_id
+        return response
+
+    @app.teardown_request
+    def end(_exc) -> None:
+        token = g.pop("log_token", None)
+        if token is not None:
+            try:
+                logs.unbind(token)
+            except ValueError:
+                pass
+
+
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
-    from api import access, backends, deals, health, jobs, metrics, objects, policies, search
+    from api import access, backends, deals, events, health, jobs, metrics, objects, policies, search
     from ferry.catalog.db import transaction
     from ferry.catalog.replicas import sync_backends
     from ferry.settings import get_settings
@@ -32,8 +77,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         app.config.update(test_config)
     app.json.sort_keys = False
 
+    _request_log(app)  # first, so its clock and request id cover authentication too
     for bp in (jobs.bp, objects.bp, backends.bp, policies.bp, policies.events_bp, health.bp, metrics.bp, deals.bp,
-               deals.providers_bp, deals.pieces_bp, deals.schedules_bp, search.bp):
+               deals.providers_bp, deals.pieces_bp, deals.schedules_bp, search.bp, events.bp):
         app.register_blueprint(bp)
     access.install(app)
 

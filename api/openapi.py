@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import wraps
@@ -45,6 +47,9 @@ class Operation:
     path_params: list[str] = field(default_factory=list)
     permission: str = "read"  # read | operate | admin | public (see ferry.security)
     endpoint: str = ""
+    # A streamed answer (server-sent events): the `data:` models by event name.
+    stream: dict[str, type[BaseModel]] | None = None
+    headers: dict[str, str] = field(default_factory=dict)  # request headers read, and what for
 
 
 OPERATIONS: list[Operation] = []
@@ -53,15 +58,20 @@ _RULE_PARAM = re.compile(r"<(?:[a-z]+:)?([a-z_]+)>")
 
 def operation(bp: Blueprint, rule: str, method: str, *, summary: str, responses: dict,
               body: type[BaseModel] | None = None, query: type[BaseModel] | None = None,
-              permission: str | None = None) -> Callable:
+              permission: str | None = None, stream: dict[str, type[BaseModel]] | None = None,
+              headers: dict[str, str] | None = None) -> Callable:
     """Register a view. `permission` defaults to `read` for GET and `operate` otherwise;
     `public` (health checks only) needs no credentials. It is checked here, before the body
-    is even parsed, for every operation: the one place the API authorizes."""
+    is even parsed, for every operation: the one place the API authorizes.
+
+    A list field of the `query` model takes every value of a repeated parameter. `stream`
+    documents a 200 answer of server-sent events (their `data:` models by event name);
+    `headers` the request headers the view reads."""
     path = (bp.url_prefix or "") + rule
     permission = permission or ("read" if method == "GET" else "operate")
     assert permission in ("public", "read", "operate", "admin"), permission
     op = Operation(_RULE_PARAM.sub(r"{\1}", path), method.lower(), summary, bp.name, responses, body,
-                   query, _RULE_PARAM.findall(path), permission)
+                   query, _RULE_PARAM.findall(path), permission, stream=stream, headers=dict(headers or {}))
     OPERATIONS.append(op)
 
     def decorate(fn: Callable) -> Callable:
@@ -77,13 +87,26 @@ def operation(bp: Blueprint, rule: str, method: str, *, summary: str, responses:
             if body is not None:
                 kwargs["body"] = validated(body, _json_body())
             if query is not None:
-                kwargs["query"] = validated(query, request.args.to_dict())
+                kwargs["query"] = validated(query, _query_args(query))
             return fn(**kwargs)
 
         bp.add_url_rule(rule, view_func=view, methods=[method])
         return view
 
     return decorate
+
+
+def _is_list(annotation: Any) -> bool:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_is_list(a) for a in typing.get_args(annotation))
+    return typing.get_origin(annotation) is list
+
+
+def _query_args(model: type[BaseModel]) -> dict[str, Any]:
+    """The query string: a parameter's first value, or all of them for a list field."""
+    fields = model.model_fields
+    return {name: request.args.getlist(name) if name in fields and _is_list(fields[name].annotation)
+            else request.args[name] for name in request.args}
 
 
 def _json_body() -> Any:
@@ -118,6 +141,20 @@ def _schema(model: type[BaseModel], components: dict[str, Any]) -> dict[str, Any
     return {"$ref": f"#/components/schemas/{model.__name__}"}
 
 
+def _event_schema(models: dict[str, type[BaseModel]], components: dict[str, Any]) -> dict[str, Any]:
+    """One server-sent event (before OpenAPI 3.2's itemSchema, a stream's `schema` is that
+    of each event): its `event` name, its `data` the JSON of that event's model."""
+    return {
+        "type": "object", "required": ["event", "data"],
+        "description": "a server-sent event: `event` names it, `data` is its JSON, `id` the cursor to resume after it",
+        "properties": {"event": {"enum": list(models)}, "data": {"type": "string"}, "id": {"type": "string"},
+                       "retry": {"type": "integer"}},
+        "oneOf": [{"properties": {"event": {"const": name}, "data": {
+            "contentMediaType": "application/json", "contentSchema": _schema(model, components)}}}
+            for name, model in models.items()],
+    }
+
+
 def spec(error_model: type[BaseModel]) -> dict[str, Any]:
     components: dict[str, Any] = {}
     paths: dict[str, Any] = {}
@@ -135,6 +172,8 @@ def spec(error_model: type[BaseModel]) -> dict[str, Any]:
             for name, prop in qschema.get("properties", {}).items():
                 params.append({"name": name, "in": "query", "required": name in qschema.get("required", []),
                                "schema": prop})
+        params += [{"name": name, "in": "header", "required": False, "description": what,
+                    "schema": {"type": "string", "maxLength": 4096}} for name, what in op.headers.items()]
         if params:
             entry["parameters"] = params
         if op.body is not None:
@@ -143,6 +182,8 @@ def spec(error_model: type[BaseModel]) -> dict[str, Any]:
         for status, model in op.responses.items():
             schema = _schema(model, components) if model else error_ref if status >= 400 else None
             content = {"application/json": {"schema": schema}} if schema else None
+            if op.stream is not None and status == 200:
+                content = {"text/event-stream": {"schema": _event_schema(op.stream, components)}}
             entry["responses"][str(status)] = {"description": _REASONS.get(status, "response"),
                                                **({"content": content} if content else {})}
         errors = ([400, 413, 422] if op.body else []) + ([422] if op.query else [])

@@ -666,3 +666,66 @@ class ObjectText(BaseModel):
     indexed_at: datetime
     source_backend: str | None
     text: str
+
+
+# -- Live events (/v1/events/stream) ---------------------------------------------------------
+
+EventType = Literal["job", "replica", "alert"]
+EVENT_TYPES: tuple[str, ...] = ("job", "replica", "alert")
+Name = Annotated[str, Field(min_length=1, max_length=63)]
+
+
+def _comma_list(value: Any) -> Any:
+    """`a,b` and `a&a=b` alike: a repeated parameter, a comma list, or both."""
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list):
+        return value
+    out: list[Any] = []
+    for v in values:
+        for part in (v.split(",") if isinstance(v, str) else [v]):
+            if part != "" and part not in out:
+                out.append(part)
+    return out
+
+
+class EventStreamQuery(Strict):
+    job: list[uuid.UUID] = Field([], max_length=100, description=(
+        "only these jobs' events, starting with their state now (alerts and replicas name no job: none are "
+        "sent; a job's items are at /v1/jobs/{id}/items)"))
+    policy: list[Name] = Field([], max_length=50, description=(
+        "only job events of work serving these policies, and alerts about them (replicas name no policy: "
+        "none are sent)"))
+    backend: list[Name] = Field([], max_length=50, description=(
+        "only events about these backends: jobs naming one, replicas on one, alerts about one"))
+    types: list[EventType] = Field(list(EVENT_TYPES), min_length=1, max_length=3,
+                                   description="the kinds of event to send")
+    until: Literal["job_done"] | None = Field(None, description=(
+        "job_done: end the stream after the terminal event of every job given in `job`"))
+    max_seconds: float = Field(3600, ge=0, le=3600, allow_inf_nan=False, description=(
+        "end the stream after this long (0: one look at the catalog); reconnect with the last event id to go on"))
+    since: Instant | None = Field(None, description="start from this instant instead of now")
+    cursor: str | None = Field(None, max_length=4096, description=(
+        "resume after this event id (what Last-Event-ID carries, for clients that cannot set headers)"))
+
+    @field_validator("job", "policy", "backend", "types", mode="before")
+    @classmethod
+    def _lists(cls, value: Any) -> Any:
+        return _comma_list(value)
+
+
+class ReplicaEvent(BaseModel):
+    """A replica whose row changed: its state now (the state before is not kept)."""
+
+    cid: str
+    backend: str
+    key: str
+    state: ReplicaState
+    verified_at: datetime | None
+    last_error: str | None
+    updated_at: datetime
+
+
+class StreamEnd(BaseModel):
+    reason: Literal["job_done", "max_seconds", "unauthenticated"] = Field(description=(
+        "job_done: every job of `until` ended; max_seconds: the time bound (reconnect with the last id to go "
+        "on); unauthenticated: the credentials were revoked or expired"))

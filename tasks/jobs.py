@@ -27,6 +27,7 @@ from ferry.catalog.models import (
     Replica,
     ReplicaState,
     StoredObject,
+    utcnow,
 )
 from ferry.catalog.replicas import get_object, under_prefix
 from ferry.errors import (
@@ -229,7 +230,7 @@ def delete_object(cid: str, authorize: Callable[[list[str]], None]) -> Job:
         items = [catalog.NewItem(r.key, r.backend, r.key, obj.size, action=ItemAction.delete, object_id=obj.id)
                  for r in sorted(held, key=lambda r: (r.backend, r.key))]
         for r in held:  # no pass copies from, or counts, a replica on its way out
-            r.state = ReplicaState.deleting
+            r.state, r.updated_at = ReplicaState.deleting, utcnow()
         search_store.remove(session, [obj.id])
         batches = catalog.add_items(session, job.id, 0, items, batch_items=settings.batch_items,
                                     batch_bytes=settings.batch_bytes, fresh=True)

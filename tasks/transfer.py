@@ -26,6 +26,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from ferry import logs
 from ferry.catalog import jobs as catalog
 from ferry.catalog.db import transaction
 from ferry.catalog.models import (
@@ -47,7 +48,8 @@ from ferry.catalog.replicas import (
 )
 from ferry.errors import BackendUnavailable, FerryError, KeyNotFound, UnknownBackend
 from ferry.settings import get_settings
-from tasks.app import app, backoff, send_reconcile
+from tasks import metrics
+from tasks.app import app, backoff, send_reconcile, send_spans
 from workers import registry, transfer
 from workers.base import Backend
 from workers.cid import ContentHasher, Digest
@@ -86,12 +88,27 @@ class Plan:
     held: set[int]                  # of those, the ones under legal hold
 
 
+# Set when this process is asked to stop (SIGTERM to a pool process, or the worker's warm
+# shutdown, tasks/app.py): a batch under way finishes the items it has started, puts the
+# rest back in the queue at once (a new message) and returns, well inside a grace period.
+draining = threading.Event()
+
+
 @app.task(name="ferry.transfer", bind=True, max_retries=None)
 def transfer_items(self, job_id: str, spans: list[list[int]]) -> dict[str, int]:
     settings = get_settings()
     plan = _claim(uuid.UUID(job_id), [(lo, hi) for lo, hi in spans], settings.lease_seconds)
     if plan is None:
         return {"claimed": 0}
+    started = time.monotonic()
+    try:
+        with logs.context(job=job_id, backend=plan.items[0].dest_backend):
+            return _run(self, plan, settings)
+    finally:
+        metrics.batch_seconds(metrics.verb_of(plan), plan.items[0].dest_backend, time.monotonic() - started)
+
+
+def _run(task: Any, plan: Plan, settings: Any) -> dict[str, int]:
     if all(i.action == ItemAction.deal for i in plan.items):
         from tasks import deals  # deal work is packed into pieces, a batch at a time
 
@@ -104,11 +121,15 @@ def transfer_items(self, job_id: str, spans: list[list[int]]) -> dict[str, int]:
         run = _BatchRun(plan, settings.max_attempts, settings.item_threads)
     with _Heartbeat(plan.job_id, run, settings.lease_seconds):
         run.run()
+    if run.tally.get("requeued"):
+        log.warning("job %s: stopping: %d items of the batch not started, put back in the queue",
+                    plan.job_id, run.tally["requeued"])
+        send_spans(str(plan.job_id), plan.items[0].dest_backend, sorted(run.requeue_seqs))
     if run.retry_seqs:
-        countdown = backoff(self.request.retries)
+        countdown = backoff(task.request.retries)
         log.warning("job %s: %d items hit a transient error; retrying in %.0fs",
-                    job_id, len(run.retry_seqs), countdown)
-        raise self.retry(args=[job_id, [list(s) for s in catalog.spans_of(sorted(run.retry_seqs))]],
+                    plan.job_id, len(run.retry_seqs), countdown)
+        raise task.retry(args=[str(plan.job_id), [list(s) for s in catalog.spans_of(sorted(run.retry_seqs))]],
                          countdown=countdown)
     if plan.kind == JobKind.verify and run.tally.get("finished_job"):
         send_reconcile()  # heal what the verification found, now rather than at the next beat
@@ -162,6 +183,7 @@ class _BatchRun:
         self.outcomes: list[dict[str, Any]] = []
         self.to_delete: list[tuple[Item, Digest, ItemState]] = []
         self.retry_seqs: list[int] = []
+        self.requeue_seqs: list[int] = []  # put back unstarted: the worker is stopping
         self.open_seqs = {i.seq for i in plan.items}
         self.in_flight: dict[int, ContentHasher] = {}  # copies under way, for progress
         self.tally = {"done": 0, "skipped": 0, "failed": 0, "stuck": 0, "retry": 0}
@@ -179,6 +201,9 @@ class _BatchRun:
                 if self.cancelled:
                     self._finish(item, ItemState.cancelled, error="job cancelled")
                     continue
+                if draining.is_set():
+                    self._put_back(item)
+                    continue
                 if item.size is not None and item.size <= SMALL_OBJECT and self.threads > 1:
                     pending.add(pool.submit(self._process, item))
                     while len(pending) >= self.threads:
@@ -194,6 +219,13 @@ class _BatchRun:
         with transaction() as session:
             if catalog.finish_if_complete(session, self.plan.job_id):
                 self.tally["finished_job"] = 1
+
+    def _put_back(self, item: Item) -> None:
+        """Not started, and this process is stopping: queued again, for another worker."""
+        with self.lock:
+            self.requeue_seqs.append(item.seq)
+            self.tally["requeued"] = self.tally.get("requeued", 0) + 1
+        self._finish(item, ItemState.queued, error=None)
 
     def _wait(self, pending: set[Future]) -> set[Future]:
         done, pending = wait(pending, timeout=FLUSH_EVERY, return_when=FIRST_COMPLETED)
@@ -220,6 +252,12 @@ class _BatchRun:
             return backend
 
     def _process(self, item: Item) -> None:
+        known = self.plan.known.get((item.source_backend or item.dest_backend, item.source_key))
+        with logs.context(job=str(self.plan.job_id), item=item.seq, backend=item.dest_backend,
+                          cid=known.cid if known is not None else None):
+            self._process_item(item)
+
+    def _process_item(self, item: Item) -> None:
         try:
             if item.action == ItemAction.verify:
                 self._verify(item)
@@ -408,6 +446,8 @@ class _BatchRun:
             catalog.finish_items(session, self.plan.job_id, outcomes)
             job = session.get(Job, self.plan.job_id)
             self.cancelled = job is None or job.state.terminal
+        metrics.items_finished(self.plan, outcomes)
+        metrics.checked(checks)
         with self.lock:
             self.open_seqs -= {o["seq"] for o in outcomes}
         for item, digest, state in deletes:

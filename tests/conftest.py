@@ -35,6 +35,29 @@ def _admin_connect():
                     "`pg_ctlcluster $(ls /etc/postgresql) main start` or run .ci/run", returncode=3)
 
 
+# Redis dbs for test sessions (the benches take 11-14 and 0). A session claims one with a
+# key (SET NX, expiring), so sessions running side by side never share a broker: one would
+# flush the other's queues and take its tasks.
+TEST_REDIS_DBS = range(1, 11)
+CLAIM_KEY = "ferry:test-session"
+
+
+def _claim_redis_db() -> str:
+    import redis
+
+    start = os.getpid() % len(TEST_REDIS_DBS)
+    for i in range(len(TEST_REDIS_DBS)):
+        url = f"{REDIS_BASE}/{TEST_REDIS_DBS[(start + i) % len(TEST_REDIS_DBS)]}"
+        r = redis.Redis.from_url(url, socket_timeout=5)
+        if r.set(CLAIM_KEY, os.getpid(), nx=True, ex=3 * 3600):
+            for key in r.scan_iter(count=1000):  # a crashed session's leftovers
+                if key != CLAIM_KEY.encode():
+                    r.delete(key)
+            return url
+    raise redis.RedisError(f"every test Redis db ({TEST_REDIS_DBS.start}-{TEST_REDIS_DBS.stop - 1}) is claimed by a "
+                           f"running session ({CLAIM_KEY})")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     import redis
 
@@ -43,10 +66,8 @@ def pytest_configure(config: pytest.Config) -> None:
     with _admin_connect() as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{dbname}"')
         conn.execute(f'CREATE DATABASE "{dbname}"')
-    redis_db = 1 + os.getpid() % 15
-    broker = f"{REDIS_BASE}/{redis_db}"
     try:
-        redis.Redis.from_url(broker, socket_timeout=5).flushdb()
+        broker = _claim_redis_db()
     except redis.RedisError as exc:
         pytest.exit(f"Redis is not reachable at {broker} ({exc}); start it with redis-server "
                     "(see README) or run .ci/run", returncode=3)
@@ -96,6 +117,12 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     from ferry.catalog.db import engine_for
 
     engine_for(_state["db_url"]).dispose()
+    try:
+        import redis
+
+        redis.Redis.from_url(_state["broker"], socket_timeout=5).flushdb()  # the claim goes with it
+    except Exception as exc:  # the claim expires by itself
+        print(f"could not release the test Redis db {_state['broker']}: {exc}")
     with _admin_connect() as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{_state["dbname"]}" WITH (FORCE)')
     if os.environ.get("FERRY_KEEP_TEST_DIR"):  # keep process logs and disks for a post-mortem

@@ -17,19 +17,35 @@ from pathlib import Path
 
 import httpx
 
-from ferry.settings import Settings
+from ferry.settings import Settings, get_settings
 
 
 def api_command(bind: str, workers: int = 2, threads: int = 4) -> list[str]:
     return [sys.executable, "-m", "gunicorn", "--bind", bind, "--workers", str(workers),
             "--threads", str(threads), "--timeout", "120", "--limit-request-line", "8190",
-            "--access-logfile", "-", "api.wsgi:app"]
+            "--config", "python:api.gunicorn_conf", "api.wsgi:app"]
 
 
 def worker_command(queues: Sequence[str], concurrency: int, name: str, loglevel: str = "INFO") -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "tasks.app", "worker", "-Q", ",".join(queues),
             "-c", str(concurrency), "-n", name, "--loglevel", loglevel, "--without-mingle",
             "--without-gossip"]
+
+
+def flower_command(address: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "tasks.app", "flower", f"--address={address}", f"--port={port}",
+            "--purge_offline_workers=600"]
+
+
+def worker_name(queues: Sequence[str]) -> str:
+    """What Flower and `celery inspect` call a worker: the backend (or role) of its one queue,
+    e.g. `s3-archive@host`, `index@host`, `control@host`; `ferry@host` when it serves several."""
+    if len(queues) == 1:
+        q = queues[0]
+        role = q.removeprefix("backend.") if q.startswith("backend.") else \
+            {"ferry.control": "control"}.get(q, q)
+        return f"{role}@%h"
+    return "ferry@%h"
 
 
 def beat_command(settings: Settings, loglevel: str = "INFO") -> list[str]:
@@ -65,7 +81,7 @@ class ProcessGroup:
         self.env = env
         self.procs: dict[str, subprocess.Popen] = {}
 
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         log = None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -73,7 +89,7 @@ class ProcessGroup:
         try:
             proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT if log else None,
-                env=self.env if self.env is not None else os.environ.copy(), start_new_session=True,
+                env={**(self.env if self.env is not None else os.environ), **(env or {})}, start_new_session=True,
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
         finally:
@@ -126,13 +142,19 @@ class ProcessGroup:
                 code = code or 1
                 break
             time.sleep(0.3)
-        self.stop()
+        self.stop(get_settings().shutdown_grace_seconds)
         return code
 
     def stop(self, grace: float = 20.0) -> None:
+        """SIGTERM to each child's leader (gunicorn's master drains its workers; a Celery
+        worker's main process has its pool finish or requeue the batches under way), then
+        after `grace` seconds SIGKILL to whatever of its tree is left."""
         for p in self.procs.values():
             if p.poll() is None:
-                _signal_group(p, signal.SIGTERM)
+                try:
+                    p.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
         deadline = time.monotonic() + grace
         for p in self.procs.values():
             try:
@@ -140,6 +162,7 @@ class ProcessGroup:
             except subprocess.TimeoutExpired:
                 _signal_group(p, signal.SIGKILL)
                 p.wait()
+            _signal_group(p, signal.SIGKILL)  # pool processes the leader left behind, if any
         self.procs.clear()
 
 

@@ -6,8 +6,10 @@ Exit codes: 0 success; 1 the job ended with failed items (or failed, or was canc
 
 from __future__ import annotations
 
+import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -189,7 +191,7 @@ def _human(n: float) -> str:
 
 
 def follow(c: Client, job_id: str, *, quiet: bool = False, interval: float = 0.5) -> dict:
-    """Poll a job until it ends, showing objects, bytes, rate and ETA."""
+    """Follow a job until it ends, showing objects, bytes, rate and ETA."""
     started = time.monotonic()
     progress = Progress(
         SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -198,20 +200,102 @@ def follow(c: Client, job_id: str, *, quiet: bool = False, interval: float = 0.5
     )
     with progress:
         task = progress.add_task(f"job {job_id[:8]}", total=None, bytes="", rate="")
-        while True:
-            job = c.job(job_id)
+        for job in job_states(c, job_id, interval=interval):
             counts, nbytes = job["items"], dict(job["bytes"])
             nbytes["done"] += nbytes.get("in_flight", 0)
             finished = counts["done"] + counts["skipped"] + counts["failed"] + counts["cancelled"]
             elapsed = max(time.monotonic() - started, 1e-6)
             progress.update(
                 task, total=job["total"], completed=finished, description=f"job {job_id[:8]} {job['state']}",
-                bytes=f"{_human(nbytes['done'])}/{_human(nbytes['known'])}" if nbytes["known"] else _human(nbytes["done"]),
+                bytes=(f"{_human(nbytes['done'])}/{_human(nbytes['known'])}" if nbytes["known"]
+                       else _human(nbytes["done"])),
                 rate=f"{_human(nbytes['done'] / elapsed)}/s",
             )
             if job["state"] in TERMINAL:
                 return job
+    raise AssertionError("job_states ended before the job did")
+
+
+def job_states(c: Client, job_id: str, *, interval: float = 0.5) -> Iterator[dict]:
+    """A job as GET /v1/jobs/{id} shows it, each time it changes: from the live event
+    stream (reconnecting with the last event id if the connection drops), or by polling
+    every `interval` seconds, with a warning, from an API that has no event stream."""
+    events = c.live_events(lambda: {"job": job_id, "types": "job", "until": "job_done"})
+    try:
+        for event in events:
+            if event.event == "job":
+                yield event.json()
+            elif event.event == "busy":  # no room for another stream yet: look meanwhile
+                yield c.job(job_id)
+            elif event.event == "end" and event.json().get("reason") == "unauthenticated":
+                raise ApiError(401, {"error": {"code": "unauthenticated", "message":
+                                               "the API key was revoked or expired while following the job"}})
+    except ApiError as exc:
+        if exc.status != 404 or exc.code == "job_not_found":
+            raise
+        console.print("[yellow]warning:[/] this API has no live events (GET /v1/events/stream answers 404); "
+                      "polling the job instead", highlight=False)
+        while True:
+            yield c.job(job_id)
             time.sleep(interval)
+
+
+def follow_events(c: Client, *, jobs: tuple[str, ...] = (), policies: tuple[str, ...] = (),
+                  backends: tuple[str, ...] = (), types: str | None = None, as_json: bool = False,
+                  max_seconds: float | None = None) -> None:
+    """Print live events as they come, a line each (or NDJSON: id, event, data), until
+    `max_seconds` have passed, or for ever (Ctrl-C)."""
+    deadline = None if max_seconds is None else time.monotonic() + max_seconds
+    last_ask = {"final": False}
+
+    def params() -> dict:
+        query: dict = {"job": list(jobs), "policy": list(policies), "backend": list(backends), "types": types}
+        if deadline is not None:
+            left = max(0.0, deadline - time.monotonic())
+            query["max_seconds"] = round(min(left, MAX_STREAM_SECONDS), 3)
+            last_ask["final"] = left <= MAX_STREAM_SECONDS  # this connection may run to the end
+        return {k: v for k, v in query.items() if v not in ([], None)}
+
+    try:
+        for event in c.live_events(params):
+            if event.event == "busy":
+                console.print(f"the API serves as many event streams as it may; retrying in "
+                              f"{event.json()['retry_after']:.0f} s", highlight=False)
+                continue
+            if event.event == "end":
+                reason = event.json().get("reason")
+                if reason == "unauthenticated":
+                    fail("the API key was revoked or expired", EXIT_REFUSED)
+                if reason == "max_seconds" and last_ask["final"]:
+                    return
+                continue
+            if as_json:
+                sys.stdout.write(json.dumps({"id": event.id, "event": event.event, "data": event.json()}) + "\n")
+                sys.stdout.flush()
+            else:
+                out.print(describe_event(event.event, event.json()), highlight=False, markup=False, soft_wrap=True)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+MAX_STREAM_SECONDS = 3600  # what the API lets one stream last (`max_seconds`)
+
+
+def describe_event(kind: str, data: dict) -> str:
+    """One readable line of a live event."""
+    now = time.strftime("%H:%M:%S")
+    if kind == "job":
+        counts, nbytes = data["items"], data["bytes"]
+        ended = counts["done"] + counts["skipped"] + counts["failed"] + counts["cancelled"] + counts["stuck"]
+        failed = f", {counts['failed'] + counts['stuck']} failed" if counts["failed"] + counts["stuck"] else ""
+        return (f"{now} job      {data['id']} {data['kind']} {data['state']}: {ended}/{data['total'] or '?'} "
+                f"objects{failed}, {_human(nbytes['done'] + nbytes['in_flight'])}")
+    if kind == "replica":
+        error = f" ({data['last_error']})" if data.get("last_error") else ""
+        return f"{now} replica  {data['backend']}:{data['key']} {data['state']} {data['cid']}{error}"
+    if kind == "alert":
+        return f"{now} alert    {data['severity']} {data['kind']}: {data['message']}"
+    return f"{now} {kind} {json.dumps(data)}"
 
 
 def exit_code(job: dict) -> int:
@@ -423,14 +507,43 @@ def api(bind: str, workers: int) -> None:
 @cli.command()
 @click.option("--queues", "-Q", default=None, help="Comma-separated queues (default: all).")
 @click.option("--concurrency", "-c", default=2, show_default=True)
-@click.option("--name", "-n", default="ferry@%h", show_default=True)
-def worker(queues: str | None, concurrency: int, name: str) -> None:
-    """Run a Celery worker, e.g. one per backend queue: -Q backend.s3-archive."""
+@click.option("--name", "-n", default=None,
+              help="Worker name (default: its queue's backend, e.g. s3-archive@HOST; ferry@HOST for several).")
+def worker(queues: str | None, concurrency: int, name: str | None) -> None:
+    """Run a Celery worker, e.g. one per backend queue: -Q backend.s3-archive.
+
+    SIGTERM: the items under way are finished, the rest of the batch goes back to the
+    queue, and the worker exits (within FERRY_SHUTDOWN_GRACE_SECONDS, then it is killed)."""
     from ferry.cli import launch
 
     group = launch.ProcessGroup()
     qs = queues.split(",") if queues else launch.all_queues(get_settings())
-    group.start("worker", launch.worker_command(qs, concurrency, name))
+    group.start("worker", launch.worker_command(qs, concurrency, name or launch.worker_name(qs)))
+    sys.exit(group.wait())
+
+
+@cli.command()
+@click.option("--address", default="127.0.0.1", show_default=True, help="Address Flower listens on.")
+@click.option("--port", default=5555, show_default=True)
+def flower(address: str, port: int) -> None:
+    """Run Flower (workers, queues and tasks, live) on Ferry's broker, behind basic auth.
+
+    Credentials come from FERRY_FLOWER_BASIC_AUTH ("user:password", several comma-separated);
+    without them Flower does not start. /healthcheck answers without them (for probes).
+    """
+    import os
+
+    from ferry.cli import launch
+
+    secret = get_settings().flower_basic_auth
+    pairs = [p for p in (secret.get_secret_value() if secret else "").split(",") if p]
+    if not pairs or any(not user or not password for user, _, password in (p.partition(":") for p in pairs)):
+        fail("Flower needs credentials: set FERRY_FLOWER_BASIC_AUTH=user:password (its /api answers "
+             "anyone otherwise)", EXIT_REFUSED)
+    env = {k: v for k, v in os.environ.items() if k != "FLOWER_UNAUTHENTICATED_API"}
+    env["FLOWER_BASIC_AUTH"] = ",".join(pairs)
+    group = launch.ProcessGroup(env=env)
+    group.start("flower", launch.flower_command(address, port))
     sys.exit(group.wait())
 
 

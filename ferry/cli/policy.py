@@ -21,6 +21,7 @@ from ferry.cli.main import (
     exit_code,
     fail,
     follow,
+    follow_events,
     json_opt,
     out,
     parse_location,
@@ -274,9 +275,24 @@ def object_get(cid: str, output: str) -> None:
 @cli.command()
 @click.option("--kind", default=None, help="Only events of this kind, e.g. object.lost.")
 @click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
+@click.option("-f", "--follow", "live", is_flag=True, help="Print live events as they come: job progress, replica "
+              "state changes and alerts (implied by the options below).")
+@click.option("--job", "jobs", multiple=True, help="Live: only events about this job (repeatable).")
+@click.option("--policy", "policies", multiple=True, help="Live: only events about this policy (repeatable).")
+@click.option("--backend", "backend_names", multiple=True, help="Live: only events about this backend (repeatable).")
+@click.option("--types", default=None, help="Live: which events, a comma list of job, replica, alert (default all).")
+@click.option("--max-seconds", type=click.FloatRange(min=0), default=None, help="Live: stop after this long.")
 @json_opt
-def events(kind: str | None, limit: int, as_json: bool) -> None:
-    """Events the reconcile loop raised: objects lost, ..."""
+def events(kind: str | None, limit: int, live: bool, jobs: tuple[str, ...], policies: tuple[str, ...],
+           backend_names: tuple[str, ...], types: str | None, max_seconds: float | None, as_json: bool) -> None:
+    """Events the reconcile loop raised: objects lost, ... With --follow, live events as
+    they come (NDJSON with --json), until Ctrl-C."""
+    if live or jobs or policies or backend_names or types or max_seconds is not None:
+        if kind:
+            raise click.UsageError("--kind filters the list of stored events; live, use --types alert")
+        follow_events(client(), jobs=jobs, policies=policies, backends=backend_names, types=types, as_json=as_json,
+                      max_seconds=max_seconds)
+        return
     body = client().request("GET", "/v1/events", params={k: v for k, v in {"kind": kind, "limit": limit}.items() if v})
     if as_json:
         out.print_json(data=body)

@@ -1,13 +1,17 @@
-"""/readyz tells the truth: a broker that does not answer makes the API not ready (503)."""
+"""/readyz tells the truth: a broker or database that does not answer makes the API not ready
+(503), and it is ready again by itself once they are back."""
 
 from __future__ import annotations
 
+import os
 import time
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 
 from ferry.cli import launch
+from tests.fixtures.cable import Cable
 from tests.fixtures.cluster import Cluster, free_port
 
 pytestmark = pytest.mark.e2e
@@ -36,3 +40,49 @@ def test_readyz_is_503_when_the_broker_is_down(test_env):
         assert body["checks"]["broker"].startswith("failed")
     finally:
         cluster.stop()
+
+
+def _ready(url: str) -> tuple[int, dict]:
+    r = httpx.get(url + "/readyz", timeout=30)
+    return r.status_code, r.json()
+
+
+def _until(url: str, status: int, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        code, body = _ready(url)
+        if code == status:
+            return body
+        assert time.monotonic() < deadline, (code, body)
+        time.sleep(0.3)
+
+
+def test_readyz_fails_while_the_database_or_broker_is_unreachable_and_recovers_by_itself(test_env):
+    """The API reaches Postgres and Redis through cables the test unplugs and plugs back:
+    not ready (503, naming what failed) while either is away, ready again without a restart."""
+    db, broker = urlsplit(os.environ["FERRY_DATABASE_URL"]), urlsplit(os.environ["FERRY_BROKER_URL"])
+    pg, redis = Cable(db.hostname, db.port or 5432), Cable(broker.hostname, broker.port or 6379)
+    env = {"FERRY_DATABASE_URL": db._replace(netloc=f"{db.username}@127.0.0.1:{pg.port}").geturl(),
+           "FERRY_BROKER_URL": broker._replace(netloc=f"127.0.0.1:{redis.port}").geturl()}
+    cluster = Cluster(test_env["tmp"] / "logs" / "recovery", env=env)
+    try:
+        url = cluster.start_api(workers=1)
+        assert _ready(url) == (200, {"status": "ready", "checks": {"database": "ok", "broker": "ok"}})
+        pg.unplug()
+        body = _until(url, 503)
+        assert body["checks"]["database"].startswith("failed") and body["checks"]["broker"] == "ok", body
+        pg.plug()
+        _until(url, 200)
+        redis.unplug()
+        body = _until(url, 503)
+        assert body["checks"]["broker"].startswith("failed") and body["checks"]["database"] == "ok", body
+        redis.plug()
+        _until(url, 200)
+        assert httpx.get(url + "/healthz", timeout=10).status_code == 200  # alive throughout
+    except BaseException:
+        cluster.print_logs()
+        raise
+    finally:
+        cluster.stop()
+        pg.close()
+        redis.close()

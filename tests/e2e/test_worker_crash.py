@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import time
 
 import httpx
@@ -90,3 +91,46 @@ def test_sigkilled_worker_loses_nothing(test_env, disks, s3_server, s3_backend):
             Replica.backend == "local", Replica.key.startswith("crash/")).group_by(Replica.state)).all()
         assert dict(src).get(ReplicaState.gone) == N - sum(n for st, n in src if st != ReplicaState.gone) \
             and all(st in (ReplicaState.gone,) for st, _ in src), src
+
+
+def test_sigterm_finishes_started_items_and_requeues_the_rest_at_once(test_env, disks, s3_backend):
+    """Kubernetes' stop: SIGTERM to the worker mid-batch. It exits by itself well inside a
+    grace period, nothing is left `running` under its lease, and the items it did not start
+    are back in the queue at once: a new worker ends the job long before any lease (300 s)
+    would have run out."""
+    n = 120
+    root = disks / "local" / "term"
+    root.mkdir(parents=True)
+    for i in range(n):
+        (root / f"f{i:03d}").write_bytes(f"{i}|".encode() + os.urandom(256 * 1024))
+    # One batch of every item, so the stop lands in the middle of it; no beat: only the
+    # requeue can bring the rest back in time.
+    cluster = Cluster(test_env["tmp"] / "logs" / "term", env={"FERRY_BATCH_ITEMS": "1000"})
+    try:
+        url = cluster.start_api()
+        leaving = cluster.start_worker("leaving", concurrency=1)
+        with httpx.Client(base_url=url, timeout=60, headers=auth()) as api:
+            r = api.post("/v1/jobs", json={"kind": "replicate", "source": {"backend": "local", "prefix": "term/"},
+                                            "targets": [{"backend": "s3", "prefix": "term/"}]})
+            job_id = r.json()["id"]
+            deadline = time.monotonic() + 120
+            while api.get(f"/v1/jobs/{job_id}").json()["items"]["done"] < 10:
+                assert time.monotonic() < deadline, cluster.logs("leaving")
+                time.sleep(0.02)
+            stopped = time.monotonic()
+            leaving.send_signal(signal.SIGTERM)
+            leaving.wait(timeout=20)  # on its own: Kubernetes would SIGKILL it after its grace period
+            took = time.monotonic() - stopped
+            job = api.get(f"/v1/jobs/{job_id}").json()
+            assert job["items"]["running"] == 0, job
+            assert 0 < job["items"]["done"] < n and job["items"]["queued"] == n - job["items"]["done"], job
+            assert "put back in the queue" in cluster.logs("leaving", tail=10**6)
+            cluster.start_worker("successor", concurrency=1)
+            job = wait_job(api, job_id, timeout=90)
+    except BaseException:
+        cluster.print_logs()
+        raise
+    finally:
+        cluster.stop()
+    assert took < 10, f"the worker took {took:.1f}s to stop"
+    assert job["state"] == "succeeded" and job["items"]["done"] == n, job

@@ -22,6 +22,7 @@ from api import (  # noqa: F401  (register)
     backends,
     create_app,
     deals,
+    events,
     health,
     jobs,
     metrics,
@@ -149,6 +150,8 @@ def sample(op, world: dict, revocable: str) -> tuple[str, dict]:
     if op.endpoint == "objects.delete":
         params["cid"] = world["doomed_cid"]
     path = op.path.format(**{p: params[p] for p in op.path_params})
+    if op.endpoint == "event_stream.stream":  # a stream about the job (reading both its backends), one look long
+        path += f"?job={world['job_id']}&max_seconds=0"
     body = None
     if op.body is not None:
         body = {
@@ -172,7 +175,7 @@ def sample(op, world: dict, revocable: str) -> tuple[str, dict]:
 NEEDS_WRITE = {"jobs.create", "jobs.cancel", "objects.delete", "policies.apply", "policies.delete", "policies.run", "policies.retry",
                "deals.retry", "schedules.put_schedule", "schedules.pause_schedule", "schedules.resume_schedule",
                "schedules.delete_schedule"}
-NEEDS_READ = {"objects.content", "objects.text", "deals.quote"}
+NEEDS_READ = {"objects.content", "objects.text", "deals.quote", "event_stream.stream"}
 # Public, but behind its own credential: a piece opens to its deal's token, never to an API key.
 OWN_TOKEN = {"pieces.piece"}
 ROLE = {"admin": Role.admin, "operator granted": Role.operator, "operator ungranted": Role.operator,
