@@ -83,6 +83,17 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         app.register_blueprint(bp)
     access.install(app)
 
+    @app.before_request
+    def negotiate_events():
+        # GET /v1/events is the list of alerts as JSON, or, to a client that asks for
+        # server-sent events (EventSource sends Accept: text/event-stream), the live stream
+        # that /v1/events/stream also serves. After authentication: the stream checks its own
+        # permission and parameters.
+        if request.method == "GET" and request.path == "/v1/events" and \
+                request.accept_mimetypes.best_match(["application/json", "text/event-stream"]) == "text/event-stream":
+            return app.view_functions["event_stream.stream"]()
+        return None
+
     @app.get("/v1/openapi.json")
     def openapi_document():
         check(g.principal, "read")

@@ -182,7 +182,8 @@ def retry(name: str):
         return jsonify({"requeued": sum(hi - lo for b in batches for lo, hi in b.spans)})
 
 
-@operation(events_bp, "", "GET", summary="Events the reconcile loop raised (objects lost, ...)",
+@operation(events_bp, "", "GET", summary="Events the reconcile loop raised (objects lost, ...); asked with "
+           "Accept: text/event-stream, the live stream of GET /v1/events/stream instead",
            query=EventQuery, responses={200: EventList})
 def events(query: EventQuery):
     with transaction() as session:

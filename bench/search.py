@@ -751,13 +751,12 @@ class Bench:
         """The parts of a hybrid search, timed inside the bench process on the same queries
         (after the API's, never during them). Filters are built as api/search.py builds them
         (lists, `readable` None for an admin); the parts of vector_ranking are timed apart:
-        the query's embedding, the FAISS search, and with filters the SQL that lists the
-        allowed chunk ids (for an ID selector) or keeps those of the nearest chunks that pass."""
+        the query's embedding, the FAISS search, the owner map and the SQL that checks the
+        objects found, and with filters the SQL that lists the allowed objects."""
         import numpy as np
         from sqlalchemy import select
 
         from ferry.catalog.db import transaction
-        from ferry.catalog.models import SearchChunk
         from ferry.search import query as fq
         from ferry.search.embed import embedder
         from ferry.search.vectors import shared
@@ -793,30 +792,31 @@ class Bench:
                 vec = model.encode([q["query"]])[0]
                 t["vector: query embedding"] = time.perf_counter() - t0
                 index = shared.get(session, dim=model.dim, model=model.name)
-                allowed = None
                 if not f.empty:
+                    # The filtered path of vector_ranking: the objects the filter allows (SQL,
+                    # at most SELECTIVE_OBJECTS + 1 of them), their chunks from the index's
+                    # owner map, then FAISS over only those chunks.
+                    cap = getattr(fq, "SELECTIVE_OBJECTS", 5000)
                     t0 = time.perf_counter()
-                    allowed = np.fromiter(session.scalars(
-                        fq._joined(select(fq.CHUNK.id).select_from(SearchChunk.__table__))
-                        .where(f.clause("postgresql"))), dtype=np.int64)
-                    t["vector: allowed chunk ids (SQL; a fallback in newer code)"] = time.perf_counter() - t0
+                    objects = session.scalars(
+                        select(fq.DOC.object_id).select_from(fq.SearchDocument.__table__)
+                        .join(fq.StoredObject.__table__, fq.OBJ.id == fq.DOC.object_id)
+                        .where(f.clause("postgresql")).limit(cap + 1)).all()
+                    t["vector: allowed objects (SQL)"] = time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    allowed = index.chunks_of(np.array(objects, dtype=np.int64))
+                    t["vector: their chunks (owner map)"] = time.perf_counter() - t0
                     allowed_sizes[kind].append(len(allowed))
-                    # Post-filtering the nearest chunks instead: their owners, with the filters.
-                    m = getattr(fq, "POST_FILTER_CANDIDATES", 2000)
-                    t0 = time.perf_counter()
-                    near = [c for c, _ in index.search(vec, m)]
-                    t[f"vector: FAISS k={m} without selector"] = time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                    session.execute(fq._joined(select(fq.CHUNK.id, fq.CHUNK.object_id)
-                                               .select_from(SearchChunk.__table__))
-                                    .where(fq.CHUNK.id.in_(near), f.clause("postgresql"))).all()
-                    t[f"vector: owners of the {m} nearest, filtered (SQL)"] = time.perf_counter() - t0
                     t0 = time.perf_counter()
                     index.search(vec, 200, allowed)
                     t["vector: FAISS k=200 with the ID selector"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
-                index.search(vec, 200)
+                near = index.search(vec, 200)
                 t["vector: FAISS k=200 without selector"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                owners = index.owners_of(np.array([c for c, _ in near], dtype=np.int64))
+                fq._live(session, sorted({int(o) for o in owners if o >= 0}))
+                t["vector: owners (map) + live objects (SQL)"] = time.perf_counter() - t0
             if i == 0:
                 continue
             for k, v in t.items():

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 from urllib.parse import urlsplit
 
@@ -12,7 +13,7 @@ import pytest
 
 from ferry.cli import launch
 from tests.fixtures.cable import Cable
-from tests.fixtures.cluster import Cluster, free_port
+from tests.fixtures.cluster import Cluster, auth, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -86,3 +87,22 @@ def test_readyz_fails_while_the_database_or_broker_is_unreachable_and_recovers_b
         cluster.stop()
         pg.close()
         redis.close()
+
+
+def test_sigterm_drains_the_api_requests_under_way_finish(test_env):
+    """SIGTERM to `ferry api`'s gunicorn: a request under way (a live event stream bound to
+    3 s) still gets its whole answer, then the server exits by itself with code 0."""
+    cluster = Cluster(test_env["tmp"] / "logs" / "drain")
+    try:
+        url = cluster.start_api(workers=1)
+        with httpx.Client(base_url=url, timeout=30, headers=auth()) as api, \
+                api.stream("GET", "/v1/events/stream", params={"max_seconds": 3}) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            next(lines)  # the stream is under way
+            cluster.procs["api"].send_signal(signal.SIGTERM)
+            rest = list(lines)
+        assert any(line.startswith("event: end") for line in rest), rest
+        assert cluster.procs["api"].wait(timeout=20) == 0, cluster.logs("api")
+    finally:
+        cluster.stop()

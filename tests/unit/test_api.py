@@ -230,3 +230,32 @@ def test_an_unexpected_error_is_500_without_internals():
     error = r.get_json()["error"]
     assert error["code"] == "internal_error" and "hunter2" not in r.get_data(as_text=True)
     assert "see the API's log" in error["message"]
+
+
+def test_metrics_gauges_agree_with_the_catalog(client):
+    import uuid
+
+    from prometheus_client.parser import text_string_to_metric_families
+    from sqlalchemy import func, select
+
+    from ferry.catalog.db import transaction
+    from ferry.catalog.models import BROKEN_REPLICA_STATES, Job, Replica, ReplicaState, StoredObject
+
+    with transaction() as s:
+        obj = StoredObject(cid=f"bafkgauge{uuid.uuid4().hex}", sha256="a" * 64, size=1)
+        s.add(obj)
+        s.flush()
+        s.add(Replica(object_id=obj.id, backend="archive", key=f"gauge/{obj.cid}", state=ReplicaState.bad))
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.mimetype == "text/plain"
+    found = {(x.name, frozenset(x.labels.items())): x.value
+             for family in text_string_to_metric_families(r.get_data(as_text=True)) for x in family.samples}
+    with transaction() as s:
+        broken = s.scalar(select(func.count()).select_from(Replica).where(
+            Replica.backend == "archive", Replica.state.in_(BROKEN_REPLICA_STATES)))
+        jobs = s.execute(select(Job.kind, Job.state, func.count()).group_by(Job.kind, Job.state)).all()
+    assert found[("ferry_verification_failures", frozenset({("backend", "archive")}))] == broken >= 1
+    for kind, state, n in jobs:
+        assert found[("ferry_jobs", frozenset({("kind", kind.value), ("state", state.value)}))] == n
+    assert found[("ferry_broker_up", frozenset())] == 1
+    assert ("ferry_queue_depth", frozenset({("queue", "index"), ("backend", "@search")})) in found

@@ -320,6 +320,27 @@ def test_a_job_that_already_ended_gives_its_state_and_the_end_at_once(app, admin
     assert time.monotonic() - started < 2
 
 
+def test_get_v1_events_streams_to_a_client_that_asks_for_server_sent_events(app, admin):
+    job_id = new_job(["negotiated/0"])
+    work(job_id, {0: ItemState.done})
+    auth = {"Authorization": f"Bearer {admin}"}
+    r = app.test_client().get(f"/v1/events?job={job_id}&until=job_done&types=job",
+                              headers={**auth, "Accept": "text/event-stream"})
+    assert r.status_code == 200 and r.mimetype == "text/event-stream"
+    OPENED.append(Stream(r))
+    events = OPENED[-1].rest()
+    assert [(e[0], e[1].get("state") or e[1].get("reason")) for e in events] == [("job", "succeeded"),
+                                                                                 ("end", "job_done")]
+    listed = app.test_client().get("/v1/events", headers=auth)  # the JSON list, as before
+    assert listed.status_code == 200 and "events" in listed.get_json()
+    quiet = app.test_client().get("/v1/events?max_seconds=0", headers={**auth, "Accept": "text/event-stream"})
+    assert quiet.status_code == 200 and quiet.mimetype == "text/event-stream"
+    OPENED.append(Stream(quiet))
+    assert app.test_client().get("/v1/events?types=bogus", headers={**auth, "Accept": "text/event-stream"}) \
+        .status_code == 422
+    assert app.test_client().get("/v1/events", headers={"Accept": "text/event-stream"}).status_code == 401
+
+
 def test_max_seconds_ends_a_quiet_stream_and_keepalives_carry_the_cursor(app, admin, monkeypatch):
     monkeypatch.setattr(live, "KEEPALIVE_SECONDS", 0.1)
     started, began = time.monotonic(), utcnow()

@@ -126,16 +126,22 @@ def test_deleting_objects_leaves_no_rows_or_hits_and_ids_are_never_reused(sqlite
         assert new_id > top  # AUTOINCREMENT: the deleted top id is not handed out again
 
 
-def test_a_process_without_the_snapshot_file_catches_up_from_the_catalog(sqlite_catalog, tmp_path, monkeypatch):
-    engine, _, keys = sqlite_catalog
-    monkeypatch.setattr(get_settings(), "search_dir", tmp_path)
+def _publish_here(engine, folder, monkeypatch) -> tuple:
+    """A snapshot of the catalog's vectors written anew in `folder`: (its path, generation)."""
+    monkeypatch.setattr(get_settings(), "search_dir", folder)
     model = embed.embedder()
     with Session(engine) as s, s.begin():
         vectors._worker_index = None
-        vectors.state(s, lock=True).snapshot = None  # written anew here, in this test's folder
+        vectors.state(s, lock=True).snapshot = None
         st = vectors.publish(s, dim=model.dim, model=model.name)
-        snapshot, generation = tmp_path / st.snapshot, st.generation
-        assert snapshot.exists()
+        snapshot, generation = folder / st.snapshot, st.generation
+    assert snapshot.exists()
+    return snapshot, generation
+
+
+def test_a_process_without_the_snapshot_file_catches_up_from_the_catalog(sqlite_catalog, tmp_path, monkeypatch):
+    engine, _, keys = sqlite_catalog
+    snapshot, generation = _publish_here(engine, tmp_path, monkeypatch)
     q = _answerable("semantic", keys)[0]
     monkeypatch.setattr(vectors, "shared", vectors.SharedIndex())
     with Session(engine) as s:
@@ -152,13 +158,8 @@ def test_the_snapshot_carries_each_chunks_owner_and_a_bad_owners_file_means_catc
     import numpy as np
 
     engine, _, keys = sqlite_catalog
-    monkeypatch.setattr(get_settings(), "search_dir", tmp_path)
-    model = embed.embedder()
-    with Session(engine) as s, s.begin():
-        vectors._worker_index = None
-        vectors.state(s, lock=True).snapshot = None  # written anew here, in this test's folder
-        st = vectors.publish(s, dim=model.dim, model=model.name)
-        snapshot, generation = tmp_path / st.snapshot, st.generation
+    snapshot, generation = _publish_here(engine, tmp_path, monkeypatch)
+    with Session(engine) as s:
         truth = dict(s.execute(select(SearchChunk.id, SearchChunk.object_id)).all())
     loaded = vectors.VectorIndex.load(snapshot, generation)
     assert dict(zip(loaded.ids().tolist(), loaded.owners.tolist(), strict=True)) == truth
