@@ -713,16 +713,10 @@ class EventStreamQuery(Strict):
         return _comma_list(value)
 
 
-class ReplicaEvent(BaseModel):
+class ReplicaEvent(ReplicaOut):
     """A replica whose row changed: its state now (the state before is not kept)."""
 
     cid: str
-    backend: str
-    key: str
-    state: ReplicaState
-    verified_at: datetime | None
-    last_error: str | None
-    updated_at: datetime
 
 
 class StreamEnd(BaseModel):

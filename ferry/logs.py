@@ -30,11 +30,11 @@ _context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar
 @contextmanager
 def context(**fields: Any) -> Iterator[None]:
     """Add these ids (job, item, cid, backend, or any other) to every line logged inside."""
-    token = _context.set({**(_context.get() or {}), **{k: v for k, v in fields.items() if v is not None}})
+    token = bind(**fields)
     try:
         yield
     finally:
-        _context.reset(token)
+        unbind(token)
 
 
 def bind(**fields: Any) -> contextvars.Token:

@@ -251,13 +251,13 @@ def _live(session: Session, object_ids: list[int]) -> set[int]:
 
 def _nearest(index: Any, vec: Any, k: int, keep: Callable[[list[int]], set[int]], allowed: Any = None) -> list[Hit]:
     """The k objects of the nearest chunks (among `allowed` chunk ids) that `keep` keeps."""
+    import numpy as np
+
     want = k * 4
     while True:
         found = index.search(vec, want, allowed)
         if not found:
             return []
-        import numpy as np
-
         owners = index.owners_of(np.fromiter((c for c, _ in found), dtype=np.int64, count=len(found)))
         seen = list(dict.fromkeys(int(o) for o in owners if o >= 0))
         kept = keep(seen) if seen else set()
