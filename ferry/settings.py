@@ -152,6 +152,10 @@ class Settings(BaseSettings):
     # fast as two on an idle machine and far more steadily on a busy one.
     embedding_threads: int | None = Field(default=None, ge=1, le=256)
     query_threads: int = Field(default=1, ge=1, le=256)
+    # How an API process encodes queries: `auto` runs the model on ONNX Runtime when it is
+    # installed and the exported graph checks out, else torch; `onnx` insists (ConfigError
+    # when it cannot); `torch` never exports (ferry/search/embed.py).
+    query_encoder: Literal["auto", "onnx", "torch"] = "auto"
     # Chunks of this many words, each starting `chunk_overlap` words before the last ended.
     chunk_words: int = Field(default=160, ge=16, le=2000)
     chunk_overlap: int = Field(default=32, ge=0)

