@@ -28,6 +28,7 @@ import ipaddress
 import os
 import secrets
 import stat
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -224,12 +225,19 @@ class RateLimits:
     """Moving-window limits (the `limits` library) per caller and per failing client address,
     counted in shared storage (Redis in a cluster), so every API process sees one count."""
 
+    # `limits` imports the storage's client library on first use and reads its __version__;
+    # a second thread doing so meanwhile finds the module half-imported (no __version__ yet)
+    # and is refused ("minimum version of 3.0 for 'redis' ... Found version: 0.0.0"): the
+    # first requests of a threaded API process got 500s. One construction at a time.
+    _building = threading.Lock()
+
     def __init__(self, storage_uri: str, per_caller: str, per_failing_address: str):
         from limits import parse
         from limits.storage import storage_from_string
         from limits.strategies import MovingWindowRateLimiter
 
-        self.limiter = MovingWindowRateLimiter(storage_from_string(storage_uri))
+        with self._building:
+            self.limiter = MovingWindowRateLimiter(storage_from_string(storage_uri))
         self.per_caller = parse(per_caller)
         self.per_failing_address = parse(per_failing_address)
 

@@ -363,6 +363,37 @@ def tight_limits(monkeypatch):
     security.rate_limits.cache_clear()
 
 
+RACE = """
+import threading
+from ferry.security import RateLimits
+errors, start = [], threading.Barrier(8)
+def build():
+    start.wait()
+    try:
+        RateLimits({url!r}, "10/second", "10/second")
+    except Exception as exc:
+        errors.append(repr(exc))
+threads = [threading.Thread(target=build) for _ in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(errors)
+assert not errors
+"""
+
+
+def test_rate_limits_built_by_threads_at_once_in_a_new_process(tmp_path):
+    """The first requests of a threaded API process build the limiter together; `limits`
+    imports redis then and read a half-imported module (500s, before the fix: 7 of 8)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "race.py"
+    script.write_text(RACE.format(url=get_settings().broker))
+    for _ in range(2):
+        r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
 def test_rate_limits_per_key_in_redis_answer_429_with_retry_after(app, tight_limits):
     from ferry import security
 
