@@ -49,7 +49,8 @@ def current() -> Principal:
     return g.principal
 
 
-def _bearer() -> str | None:
+def bearer() -> str | None:
+    """The credentials of this request: a bearer token, or an X-API-Key header."""
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() == "bearer" and token.strip():
@@ -63,14 +64,15 @@ def authenticate() -> None:
         return
     limits = security.rate_limits()
     try:
-        g.principal = _principal(_bearer())
+        g.principal = principal_of(bearer())
     except Unauthenticated:
         limits.failed_authentication(request.remote_addr or "unknown")  # guessing is slowed down
         raise
     limits.caller(g.principal)
 
 
-def _principal(token: str | None) -> Principal:
+def principal_of(token: str | None) -> Principal:
+    """Who `token` (an API key or an OIDC token) stands for; Unauthenticated when nobody."""
     if token is None:
         raise Unauthenticated("credentials are needed: send 'Authorization: Bearer <API key>'")
     if token.startswith(KEY_PREFIX):

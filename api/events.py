@@ -468,7 +468,7 @@ def frames(stream: EventStream, *, poll: float, max_seconds: float, token: str |
         if reason is None and now - last_auth >= REAUTH_SECONDS:
             last_auth = now
             try:
-                access._principal(token)  # the check every request passes (api.access)
+                access.principal_of(token)  # the check every request passes (api.access)
             except Unauthenticated:
                 reason = "unauthenticated"
             except Exception:  # the check could not be made: the client reconnects and is checked then
@@ -523,7 +523,7 @@ def stream(query: EventStreamQuery):
                               details={"retry_after": BUSY_RETRY_AFTER})
         return jsonify({"error": busy.to_dict()}), 503, {"Retry-After": str(BUSY_RETRY_AFTER)}
     sock = request.environ.get("gunicorn.socket")
-    body = frames(events, poll=settings.events_poll_seconds, max_seconds=query.max_seconds, token=access._bearer(),
+    body = frames(events, poll=settings.events_poll_seconds, max_seconds=query.max_seconds, token=access.bearer(),
                   gone=lambda: client_gone(sock))
     response = Response(body, mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -61,7 +61,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.fixtures
 
-from ferry.cli.launch import ProcessFailed, ProcessGroup
+import common  # noqa: E402 - bench/common.py, beside this script
+
+from ferry.cli.launch import ProcessGroup
 from ferry.settings import Settings
 from tests.fixtures.s3peer import TEST_ENV
 
@@ -789,25 +791,8 @@ def main(argv: list[str] | None = None) -> int:
         print("bench: cp not found on PATH", file=sys.stderr)
         return 2
 
-    def on_signal(signum, _frame):
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_signal)
     bench = Bench(args)
-    try:
-        result = bench.run()
-    except (BenchError, ProcessFailed) as exc:
-        say(f"FAILED: {exc}")
-        if bench.procs is not None:
-            for name in bench.procs.procs:
-                say(f"--- {name} log (tail) ---\n{bench.procs.logs(name, 3000)}")
-        return 1
-    finally:
-        say("cleaning up")
-        bench.cleanup()
-    say(f"done in {result['bench_wall_s']}s")
-    print(json.dumps(result), flush=True)
-    return 0
+    return common.run(bench, lambda: (bench.procs,), say)
 
 
 if __name__ == "__main__":

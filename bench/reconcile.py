@@ -64,6 +64,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import common  # bench/common.py, beside this script
+
 REPO = Path(__file__).resolve().parent.parent
 MB = 10**6
 MiB = 2**20
@@ -872,25 +874,8 @@ def main(argv: list[str] | None = None) -> int:
         print("bench: sha256sum not found on PATH", file=sys.stderr)
         return 2
 
-    def on_signal(signum, _frame):
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_signal)
     bench = Bench(args)
-    try:
-        result = bench.run()
-    except RuntimeError as exc:  # the bench's own checks, and ProcessFailed; the rest shows its traceback
-        log(f"FAILED: {type(exc).__name__}: {exc}")
-        if bench.procs is not None:
-            for name in list(bench.procs.procs):
-                log(f"--- {name} log (tail) ---\n{bench.procs.logs(name, 3000)}")
-        return 1
-    finally:
-        log("cleaning up")
-        bench.cleanup()
-    log(f"done in {result['bench_wall_s']}s")
-    print(json.dumps(result), flush=True)
-    return 0
+    return common.run(bench, lambda: (bench.procs,), log)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.fixtures
 
+import common  # noqa: E402 - bench/common.py, beside this script
+
 REPO = Path(__file__).resolve().parent.parent
 MiB = 2**20
 TERMINAL = ("succeeded", "failed", "partially_failed", "cancelled")
@@ -961,25 +963,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
-    def on_signal(signum, _frame):
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_signal)
     bench = Bench(args)
-    try:
-        result = bench.run()
-    except RuntimeError as exc:  # the bench's checks and ProcessFailed; anything else shows its traceback
-        log(f"FAILED: {type(exc).__name__}: {exc}")
-        for group in (bench.api_procs, bench.worker_procs):
-            for name in list(group.procs) if group is not None else ():
-                log(f"--- {name} log (tail) ---\n{group.logs(name, 3000)}")
-        return 1
-    finally:
-        log("cleaning up")
-        bench.cleanup()
-    log(f"done in {result['bench_wall_s']}s")
-    print(json.dumps(result), flush=True)
-    return 0
+    return common.run(bench, lambda: (bench.api_procs, bench.worker_procs), log)
 
 
 if __name__ == "__main__":
