@@ -110,6 +110,7 @@ class OnnxEncoder:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
+        self.folder = folder  # the export's folder
         meta = json.loads((folder / "encoder.json").read_text())
         self.inputs, self.normalize, self.dim = list(meta["inputs"]), bool(meta["normalize"]), int(meta["dim"])
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))

@@ -272,3 +272,18 @@ def test_a_model_the_export_does_not_fit_keeps_torch_or_is_refused(tmp_path, mon
     assert kept.runtime is None and kept.model is not None
     with pytest.raises(ConfigError, match="FERRY_QUERY_ENCODER=onnx: the export failed: .*mean pooling"):
         embed._load(str(folder), 1, "onnx")
+
+
+def test_a_search_folder_that_cannot_be_written_exports_the_encoder_into_a_temporary_one(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the search folder's parent should be")
+    monkeypatch.setattr(get_settings(), "search_dir", blocker / "search")
+    runtime = embed.onnx_encoder(embed.BUNDLED, 1)
+    folder = runtime.folder
+    try:
+        assert folder.parent.name.startswith("ferry-encoder-") and (folder / "encoder.json").is_file()
+        assert runtime.encode(["cold storage replicas"]).shape == (1, 384)
+    finally:
+        import shutil
+
+        shutil.rmtree(folder.parent, ignore_errors=True)
