@@ -4,8 +4,9 @@ Celery's prefork pool runs tasks in child processes, so the counters use Prometh
 multiprocess mode: each process writes its values to files in a directory private to this
 worker (PROMETHEUS_MULTIPROC_DIR, made when the worker starts, before any child forks),
 and the worker's main process sums them when scraped, on FERRY_WORKER_METRICS_PORT
-(9808; 0 turns it off). Only counters and histograms are kept, so a recycled child's
-files still count: totals never go back.
+(9808; 0 turns it off). Counters and histograms, so a recycled child's files still
+count: totals never go back; and one gauge, the time of the last reconcile pass, whose
+value is the latest any process of the pool wrote (dead ones too).
 
 The catalog's view (replicas by state, jobs, queue depths, lost objects) is the API's
 /metrics; this is the flow: items, bytes and batch latency per verb and backend.
@@ -82,7 +83,7 @@ def _registry_of_this_process() -> Any:
 
 def _get(name: str) -> Any:
     if not _metrics:
-        from prometheus_client import Counter, Histogram
+        from prometheus_client import Counter, Gauge, Histogram
 
         _metrics.update(
             items=Counter("ferry_items_processed", "Work items finished, by verb, backend and outcome",
@@ -92,6 +93,10 @@ def _get(name: str) -> Any:
             duration=Histogram("ferry_task_duration_seconds", "Wall time of one batch task, by verb and backend",
                                ["verb", "backend"], buckets=BUCKETS),
             checks=Counter("ferry_verifications", "Replica checks, by backend and result", ["backend", "result"]),
+            passes=Counter("ferry_reconcile_passes", "Reconcile passes this worker ran, by outcome "
+                           "(done, skipped: another pass held the lock, failed)", ["outcome"]),
+            last_pass=Gauge("ferry_reconcile_last_pass_timestamp_seconds",
+                            "When this worker last finished a reconcile pass (Unix time)", multiprocess_mode="max"),
         )
     return _metrics[name]
 
@@ -130,3 +135,10 @@ def checked(rows: Iterable[Any]) -> None:
 
 def batch_seconds(verb: Any, backend: str, seconds: float) -> None:
     _get("duration").labels(_value(verb), backend).observe(seconds)
+
+
+def reconcile_pass(outcome: str) -> None:
+    """A reconcile pass ended: done (committed), skipped or failed."""
+    _get("passes").labels(outcome).inc()
+    if outcome == "done":
+        _get("last_pass").set_to_current_time()

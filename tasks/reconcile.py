@@ -47,6 +47,7 @@ from ferry.errors import FerryError
 from ferry.settings import get_settings
 from policies import planner
 from policies.schema import Policy
+from tasks import metrics
 from tasks.app import app, send_batches, send_expand
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,13 @@ PASS_LOCK = 0x46455252  # "FERR": Postgres advisory lock key of the reconcile pa
 
 @app.task(name="ferry.reconcile")
 def reconcile() -> dict[str, Any]:
-    return run_pass()
+    try:
+        report = run_pass()
+    except Exception:
+        metrics.reconcile_pass("failed")
+        raise
+    metrics.reconcile_pass("skipped" if "skipped" in report else "done")
+    return report
 
 
 def run_pass(now: datetime | None = None) -> dict[str, Any]:

@@ -71,6 +71,7 @@ def test_worker_counts_items_bytes_and_batch_latency_across_its_pool(api, metere
     root = disks / "local" / "metered"
     root.mkdir(parents=True, exist_ok=True)
     sizes = [1000 + 37 * i for i in range(12)]
+    started = time.time()
     for i, n in enumerate(sizes):
         (root / f"f{i:02}.bin").write_bytes(os.urandom(n))
     r = api.post("/v1/jobs", json={"kind": "replicate", "source": {"backend": "local", "prefix": "metered/"},
@@ -98,6 +99,14 @@ def test_worker_counts_items_bytes_and_batch_latency_across_its_pool(api, metere
     assert value(found, "ferry_items_processed_total", verb="verify", backend="archive", outcome="done") == len(sizes)
     assert value(found, "ferry_verifications_total", backend="archive", result="bad") == 1
     assert value(found, "ferry_verifications_total", backend="archive", result="ok") == len(sizes) - 1
+    # A finished verification asks for a reconcile pass: the worker counts it and stamps it.
+    deadline = time.monotonic() + 30
+    while (value(found, "ferry_reconcile_passes_total", outcome="done") or 0) < 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        text = httpx.get(metered[1], timeout=10).text
+        found = samples(text)
+    assert value(found, "ferry_reconcile_passes_total", outcome="done") >= 1
+    assert started - 1 <= value(found, "ferry_reconcile_last_pass_timestamp_seconds") <= time.time() + 1
     batches = value(found, "ferry_task_duration_seconds_count", verb="copy", backend="archive")
     assert batches is not None and batches >= 1
     assert value(found, "ferry_task_duration_seconds_bucket", verb="copy", backend="archive", le="+Inf") == batches

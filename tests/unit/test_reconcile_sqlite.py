@@ -115,3 +115,30 @@ def test_a_key_prefix_is_exact_on_both_databases(tmp_path, monkeypatch, database
     finally:
         monkeypatch.undo()
         get_settings.cache_clear()
+
+
+def test_the_reconcile_task_counts_its_passes_and_stamps_the_last_one(sqlite_catalog, monkeypatch):
+    import time
+
+    from prometheus_client import REGISTRY
+
+    from tasks import reconcile as task
+
+    def count(outcome: str) -> float:
+        return REGISTRY.get_sample_value("ferry_reconcile_passes_total", {"outcome": outcome}) or 0.0
+
+    before = {o: count(o) for o in ("done", "failed")}
+    started = time.time()
+    task.reconcile()  # the task's body, here, on the embedded catalog
+    assert count("done") == before["done"] + 1
+    assert started <= REGISTRY.get_sample_value("ferry_reconcile_last_pass_timestamp_seconds") <= time.time()
+
+    def broken(now=None):
+        raise RuntimeError("the catalog went away")
+
+    monkeypatch.setattr(task, "run_pass", broken)
+    stamped = REGISTRY.get_sample_value("ferry_reconcile_last_pass_timestamp_seconds")
+    with pytest.raises(RuntimeError, match="went away"):
+        task.reconcile()
+    assert count("failed") == before["failed"] + 1 and count("done") == before["done"] + 1
+    assert REGISTRY.get_sample_value("ferry_reconcile_last_pass_timestamp_seconds") == stamped
