@@ -120,7 +120,8 @@ class Terms:
         deal = spec.get("deal", {})
         return cls(copies=deal.get("copies") or config.copies,
                    verified=config.verified if deal.get("verified") is None else deal["verified"],
-                   regions=tuple(deal["regions"]) if deal.get("regions") else None, spread_regions=bool(deal.get("spread_regions")),
+                   regions=tuple(deal["regions"]) if deal.get("regions") else None,
+                   spread_regions=bool(deal.get("spread_regions")),
                    max_price=deal.get("max_price"))
 
 
@@ -557,8 +558,9 @@ def _advance(deal: Deal, seen, lotus, head: int, client_id: str, config: Filecoi
     piece = object_session(deal).get(Piece, deal.piece_id)
     if (chain.piece_cid, chain.provider, chain.padded_size) != (piece.piece_cid, deal.provider, piece.padded_size) \
             or chain.client not in (client_id, config.client):
-        catalog.transition(deal, DealState.failed, f"chain deal {chain.deal_id} is not this proposal (piece "
-                                                   f"{chain.piece_cid}, provider {chain.provider}, client {chain.client})")
+        catalog.transition(deal, DealState.failed,
+                           f"chain deal {chain.deal_id} is not this proposal (piece {chain.piece_cid}, "
+                           f"provider {chain.provider}, client {chain.client})")
         return
     deal.start_epoch, deal.end_epoch = chain.start_epoch, chain.end_epoch
     deal.price_per_epoch = chain.price_per_epoch
