@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +21,7 @@ from sqlalchemy import delete
 from ferry.catalog.db import transaction
 from ferry.catalog.models import Policy, utcnow
 from ferry.cli.client import SseParser
+from tests.fixtures.cable import Cable
 from tests.fixtures.cluster import auth, running_cluster, wait_job
 
 pytestmark = pytest.mark.e2e
@@ -137,6 +140,40 @@ def test_a_replica_change_and_an_alert_reach_streams_filtered_to_them(cluster, a
 def ferry(cluster, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "FERRY_API_URL": cluster.api_url}
     return subprocess.run([FERRY, *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_ferry_job_watch_rides_out_a_dropped_connection_and_ends_with_the_job(cluster, api, disks):
+    """The connection to the API cut mid-watch (a cable unplugged for a second and a half):
+    `ferry job watch` connects again by itself and ends when the job does."""
+    files(disks / "local" / "ev-cut", 20)
+    cable = Cable("127.0.0.1", int(cluster.api_url.rsplit(":", 1)[1]))
+    worker = cluster.procs["w1"]
+    os.killpg(worker.pid, signal.SIGSTOP)  # the job waits, unstarted, while the watch connects
+    try:
+        job_id = api.post("/v1/jobs", json={"kind": "replicate", "source": {"backend": "local", "prefix": "ev-cut/"},
+                                            "targets": [{"backend": "archive", "prefix": "ev-cut/"}]}).json()["id"]
+        watch = subprocess.Popen([FERRY, "job", "watch", job_id, "--json"], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True,
+                                 env={**os.environ, "FERRY_API_URL": f"http://127.0.0.1:{cable.port}"})
+        asked = f"/v1/events/stream?job={job_id}"
+        deadline = time.monotonic() + 30
+        while cluster.logs("api", tail=10**9).count(asked) < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert cluster.logs("api", tail=10**9).count(asked) == 1, "the watch never reached the stream"
+        time.sleep(0.5)
+        cable.unplug()
+        time.sleep(1.5)
+        cable.plug()
+    finally:
+        os.killpg(worker.pid, signal.SIGCONT)
+    try:
+        out, err = watch.communicate(timeout=120)
+    finally:
+        cable.close()
+    assert watch.returncode == 0, err
+    assert json.loads(out)["state"] == "succeeded" and json.loads(out)["items"]["done"] == 20
+    assert cluster.logs("api", tail=10**9).count(asked) >= 2  # it asked again, after the cut
+    assert "polling" not in err
 
 
 def test_ferry_job_watch_follows_the_stream_and_exits_as_the_job_ended(cluster, api, disks):
