@@ -9,8 +9,8 @@ Queries (API processes) are encoded by ONNX Runtime when it is installed (the se
 extra has it): the model's transformer is exported with torch.onnx, once, by a child
 process, into FERRY_SEARCH_DIR/encoders/ (API processes sharing the folder share the
 export), with its fast tokenizer; the API process then runs it with an InferenceSession
-and the `tokenizers` library and never imports torch. A short query takes about a third
-of SentenceTransformer.encode's time, and the process ~400 MB less (bench/search.py).
+and the `tokenizers` library and never imports torch. A short query takes well under half
+of SentenceTransformer.encode's time, and the process ~250 MB less (bench/search.py).
 The session's embeddings of probe texts are checked against the torch model's (computed
 by the exporting process) before it is used; a model it does not fit (other pooling than
 mean, a failed export or check) keeps torch, and says why in the log.
@@ -102,7 +102,7 @@ class OnnxEncoder:
     """A sentence-transformers model (transformer + mean pooling [+ Normalize]) run by ONNX
     Runtime: the graph and the model's fast tokenizer, exported by `export_onnx` in a child
     process, with the model's truncation, mean pooling and normalisation. The process that
-    uses it never imports torch (an API process stays ~400 MB smaller)."""
+    uses it never imports torch (an API process stays ~250 MB smaller)."""
 
     def __init__(self, folder: Path, threads: int) -> None:
         import json
@@ -226,8 +226,7 @@ def onnx_encoder(name: str, threads: int) -> OnnxEncoder:
             tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
             try:
                 done = subprocess.run([sys.executable, "-m", "ferry.search.embed", "export", str(path), str(tmp)],
-                                      capture_output=True, text=True, timeout=600,
-                                      env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+                                      capture_output=True, text=True, timeout=600)  # offline: see __main__
                 if done.returncode != 0:
                     raise RuntimeError("the export failed: " + (done.stderr.strip().splitlines() or ["?"])[-1])
                 tmp.replace(folder)
